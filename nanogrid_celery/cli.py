@@ -1,0 +1,97 @@
+"""``nanogrid``: run code, build runtime images, clean up containers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import get_settings
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import client
+
+    stdin = Path(args.stdin).read_text() if args.stdin else None
+    result = client.run(
+        args.path,
+        args.runtime,
+        stdin=stdin,
+        timeout_ms=args.timeout_ms,
+        memory_mb=args.memory_mb,
+        wait_timeout=args.wait,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        if result.stdout:
+            sys.stdout.write(result.stdout)
+            sys.stdout.flush()
+        if result.stderr:
+            sys.stderr.write(result.stderr)
+        summary = (
+            f"[{result.status}] exit={result.exit_code} run={result.duration_ms}ms "
+            f"total={result.total_ms}ms start={result.start} container={result.container_id}"
+        )
+        if result.message:
+            summary += f" - {result.message}"
+        print(summary, file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _cmd_images_build(args: argparse.Namespace) -> int:
+    from .images import ImageBuildError, build_images
+
+    try:
+        build_images(get_settings(), force=args.force, runtimes=args.runtime or None)
+    except ImageBuildError as exc:
+        print(f"image build failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    import docker
+
+    from .containers import remove_all
+
+    removed = remove_all(docker.from_env(), None if args.all_instances else get_settings().instance)
+    print(f"removed {removed} container(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanogrid", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="upload a file or folder, run it, print its output")
+    run.add_argument("path")
+    run.add_argument("--runtime", default="python", help="python | cpp (c++)")
+    run.add_argument("--stdin", help="file whose content is the program's stdin")
+    run.add_argument("--timeout-ms", type=int)
+    run.add_argument("--memory-mb", type=int)
+    run.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
+    run.add_argument("--json", action="store_true", help="print the whole ExecutionResult")
+    run.set_defaults(func=_cmd_run)
+
+    images = sub.add_parser("images", help="runtime images")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    build = images_sub.add_parser("build", help="build the runtime images offline")
+    build.add_argument("--force", action="store_true", help="rebuild even if present")
+    build.add_argument("--runtime", action="append", choices=["python", "cpp"])
+    build.set_defaults(func=_cmd_images_build)
+
+    cleanup = sub.add_parser("cleanup", help="remove NanoGrid containers (by label)")
+    cleanup.add_argument("--all-instances", action="store_true")
+    cleanup.set_defaults(func=_cmd_cleanup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""All settings in one typed place, read from ``NANOGRID_*`` environment variables.
+
+Defaults point at the local stack that ``make up`` starts (moto on :5000 for SQS
+and S3, Redis on :6379, images built by ``nanogrid images build``), so a
+newcomer needs no configuration; production overrides the URLs and nothing
+in the code changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+PREFIX = "NANOGRID_"
+
+
+def _env(name: str, default: Any) -> Any:
+    """Read ``NANOGRID_<NAME>`` and convert it to the type of ``default``."""
+    raw = os.environ.get(PREFIX + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits: defaults apply when a task names none, maxima bound what it may ask."""
+
+    default_timeout_ms: int = 10_000
+    max_timeout_ms: int = 120_000
+    default_memory_mb: int = 256
+    min_memory_mb: int = 32
+    max_memory_mb: int = 2048
+    compile_timeout_ms: int = 60_000
+    compile_memory_mb: int = 1024
+    pids: int = 128
+    cpus: float = 1.0
+    stdout_max_bytes: int = 1 << 20
+    stderr_max_bytes: int = 1 << 20
+    max_code_bytes: int = 10 << 20
+    max_unpacked_bytes: int = 64 << 20
+    max_files: int = 2000
+    max_stdin_bytes: int = 8 << 20
+    tmpfs_mb: int = 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker, client and CLI need; build with :func:`get_settings`."""
+
+    broker_url: str = "sqs://test:test@127.0.0.1:5000"
+    sqs_region: str = "us-east-1"
+    sqs_secure: bool = False
+    sqs_wait_seconds: int = 20
+    queue: str = "nanogrid-runs"
+    visibility_timeout: int = 600
+    result_backend: str = "redis://127.0.0.1:6379/0"
+    result_expires: int = 86_400
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str = "http://127.0.0.1:5000"
+    s3_bucket: str = "nanogrid-code"
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = ""
+    python_image: str = "nanogrid-python:latest"
+    cpp_image: str = "nanogrid-cpp:latest"
+    pool_enabled: bool = True
+    pool_python: int = 2
+    pool_cpp: int = 1
+    work_root: str = "/var/lib/nanogrid"
+    instance: str = "local"
+    sandbox_user: str = "65534:65534"
+    log_json: bool = False
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read every field from ``NANOGRID_<FIELD>`` (limits too, e.g. NANOGRID_PIDS)."""
+        limits = Limits(**{f.name: _env(f.name, f.default) for f in fields(Limits)})
+        values = {f.name: _env(f.name, f.default) for f in fields(cls) if f.name != "limits"}
+        return cls(limits=limits, **values)
+
+    def image_for(self, runtime: str) -> str:
+        return self.python_image if runtime == "python" else self.cpp_image
+
+    def pool_size(self, runtime: str) -> int:
+        if not self.pool_enabled:
+            return 0
+        return self.pool_python if runtime == "python" else self.pool_cpp
+
+    def s3_credentials(self) -> dict[str, str]:
+        """Explicit keys if set; "test" keys for a local emulator; else boto3's own chain."""
+        if self.aws_access_key_id:
+            return {
+                "aws_access_key_id": self.aws_access_key_id,
+                "aws_secret_access_key": self.aws_secret_access_key,
+            }
+        if self.s3_endpoint_url and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            return {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+        return {}
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        """None means "the real AWS endpoint for the region"."""
+        return self.s3_endpoint_url or None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call ``get_settings.cache_clear()`` after patching env."""
+    return Settings.from_env()

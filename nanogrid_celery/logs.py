@@ -1,0 +1,83 @@
+"""Structured logging: every line of a run names its request id.
+
+The id lives in a ContextVar set by the task, so modules log normally and the
+filter stamps it on; ``NANOGRID_LOG_JSON=1`` switches to one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "request_id": getattr(record, "request_id", "-"),
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if extra:
+            data.update(extra)
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extra = getattr(record, "fields", None)
+        if extra:
+            base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return base
+
+
+def configure(json_lines: bool, level: str = "INFO") -> None:
+    """Install the request-id filter and formatter on the root handlers (Celery's included)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    fmt: logging.Formatter
+    if json_lines:
+        fmt = JsonFormatter()
+    else:
+        fmt = KeyValueFormatter(
+            "%(asctime)s %(levelname)s %(name)s pid=%(process)d [req=%(request_id)s] %(message)s"
+        )
+    for handler in root.handlers:
+        handler.setFormatter(fmt)
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+    root.setLevel(level)
+    # Celery's "Task succeeded: <whole result>" line repeats our own "run finished" line
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+
+
+@contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    token = request_id_var.set(request_id)
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
+
+
+def log(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
+    """Log ``msg`` with structured ``fields`` (rendered as key=value or JSON keys)."""
+    logger.log(level, msg, extra={"fields": fields})

@@ -1,0 +1,77 @@
+"""The one thing every run ends as: an :class:`ExecutionResult`, whatever happened.
+
+It travels as a plain JSON dict (Celery's Redis backend, the Redis stream), so
+clients in any language can read it; :meth:`ExecutionResult.from_dict` rebuilds
+the typed object and ignores fields it does not know, so old clients survive
+new fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    COMPILE_ERROR = "compile_error"
+    REJECTED = "rejected"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass
+class ExecutionResult:
+    request_id: str
+    runtime: str
+    status: Status
+    message: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_encoding: str = "utf-8"
+    stderr_encoding: str = "utf-8"
+    duration_ms: float | None = None
+    compile_ms: float | None = None
+    total_ms: float | None = None
+    queue_ms: float | None = None
+    container_id: str | None = None
+    start: str | None = None
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 1
+    peak_memory_bytes: int | None = None
+    cpu_time_ms: float | None = None
+    cpu_usage_percent: float | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = str(self.status)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExecutionResult:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["status"] = Status(kwargs["status"])
+        return cls(**kwargs)
+
+
+class RunRejected(Exception):
+    """Bad input: the run ends as ``rejected`` with this message; nothing is retried."""
+
+
+class InternalError(Exception):
+    """Our fault (Docker, S3, a broken container): retried once on a fresh container."""

@@ -1,0 +1,212 @@
+"""S3 in and out: fetch a submission as a safe ``{relative path: bytes}`` map.
+
+A submission is one of three S3 layouts: a ``.zip`` object, a single source
+file, or a key prefix ending in ``/``. Everything hostile (absolute paths,
+``..``, links, zip bombs, too many or too large files) is refused here, before
+a single byte touches a container, as :class:`RunRejected`; S3 being down is
+:class:`InternalError` so the task can retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import stat
+import zipfile
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import PurePosixPath
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import Limits, Settings
+from .result import InternalError, RunRejected
+from .runtimes import main_file_name
+
+log = logging.getLogger(__name__)
+
+Files = dict[str, bytes]
+_MISSING = {"NoSuchKey", "404", "NoSuchBucket", "NotFound"}
+
+
+@lru_cache(maxsize=4)
+def _client(endpoint: str | None, region: str, max_attempts: int, creds: tuple):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        **dict(creds),
+        config=Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=3,
+            read_timeout=20,
+        ),
+    )
+
+
+def s3_client(settings: Settings, max_attempts: int = 3):
+    """A cached boto3 client: creating one costs ~50 ms, far more than a small GET."""
+    creds = tuple(sorted(settings.s3_credentials().items()))
+    return _client(settings.s3_endpoint, settings.s3_region, max_attempts, creds)
+
+
+def safe_name(name: str) -> str:
+    """Normalise a relative path or reject it (absolute, ``..``, backslashes, empty)."""
+    if not name or name.startswith(("/", "\\")) or "\\" in name or "\x00" in name:
+        raise RunRejected(f"unsafe path in submission: {name!r}")
+    parts = PurePosixPath(name).parts
+    if any(p == ".." for p in parts) or (parts and ":" in parts[0]):
+        raise RunRejected(f"unsafe path in submission: {name!r}")
+    clean = "/".join(p for p in parts if p not in ("", "."))
+    if not clean:
+        raise RunRejected(f"unsafe path in submission: {name!r}")
+    return clean
+
+
+def unpack_zip(data: bytes, limits: Limits) -> Files:
+    """Extract a zip in memory, bounded by the unpacked-size and file-count limits."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise RunRejected(f"submission is not a valid zip archive: {exc}") from exc
+    entries = [i for i in infos if not i.is_dir()]
+    if len(entries) > limits.max_files:
+        raise RunRejected(f"zip has {len(entries)} files; at most {limits.max_files} allowed")
+    declared = sum(i.file_size for i in entries)
+    if declared > limits.max_unpacked_bytes:
+        raise RunRejected(
+            f"zip unpacks to {declared} bytes; at most {limits.max_unpacked_bytes} allowed "
+            "(zip bomb?)"
+        )
+    files: Files = {}
+    budget = limits.max_unpacked_bytes
+    for info in entries:
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise RunRejected(f"zip contains a symbolic link: {info.filename!r}")
+        if mode and not (stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0):
+            raise RunRejected(f"zip contains a special file: {info.filename!r}")
+        name = safe_name(info.filename)
+        try:
+            with archive.open(info) as fh:
+                content = fh.read(budget + 1)
+        except (zipfile.BadZipFile, RuntimeError, ValueError, EOFError, OSError) as exc:
+            raise RunRejected(f"cannot read {info.filename!r} from zip: {exc}") from exc
+        budget -= len(content)
+        if budget < 0:
+            raise RunRejected("zip unpacks past its declared size (zip bomb?)")
+        files[name] = content
+    return _strip_single_root(files)
+
+
+def _strip_single_root(files: Files) -> Files:
+    """``proj/main.py`` -> ``main.py`` when everything sits in one top folder."""
+    tops = {n.split("/", 1)[0] for n in files}
+    if len(tops) == 1 and all("/" in n for n in files):
+        return {n.split("/", 1)[1]: c for n, c in files.items()}
+    return files
+
+
+def _check_total(files: Mapping[str, bytes], limits: Limits) -> None:
+    if not files:
+        raise RunRejected("submission is empty")
+    total = sum(len(c) for c in files.values())
+    if total == 0:
+        raise RunRejected("submission is empty (every file has zero bytes)")
+    if total > limits.max_unpacked_bytes:
+        raise RunRejected(f"submission is {total} bytes; at most {limits.max_unpacked_bytes}")
+
+
+def fetch_submission(settings: Settings, runtime: str, bucket: str, key: str) -> Files:
+    """Download and validate the code at ``s3://bucket/key`` for ``runtime``."""
+    if not bucket or not key:
+        raise RunRejected("s3_bucket and s3_key are required")
+    limits = settings.limits
+    client = s3_client(settings)
+    try:
+        if key.endswith("/"):
+            files = _fetch_prefix(client, bucket, key, limits)
+        else:
+            files = _fetch_object(client, bucket, key, runtime, limits)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise RunRejected(f"no code at s3://{bucket}/{key} ({code})") from exc
+        if code in {"AccessDenied", "403"}:
+            raise RunRejected(f"access denied to s3://{bucket}/{key}") from exc
+        raise InternalError(f"S3 error reading s3://{bucket}/{key}: {code} {exc}") from exc
+    except BotoCoreError as exc:
+        raise InternalError(f"S3 unavailable reading s3://{bucket}/{key}: {exc}") from exc
+    _check_total(files, limits)
+    return files
+
+
+def _fetch_object(client, bucket: str, key: str, runtime: str, limits: Limits) -> Files:
+    obj = client.get_object(Bucket=bucket, Key=key)
+    size = int(obj.get("ContentLength") or 0)
+    if size > limits.max_code_bytes:
+        obj["Body"].close()
+        raise RunRejected(f"code object is {size} bytes; at most {limits.max_code_bytes} allowed")
+    data = obj["Body"].read(limits.max_code_bytes + 1)
+    if len(data) > limits.max_code_bytes:
+        raise RunRejected(f"code object exceeds {limits.max_code_bytes} bytes")
+    if not data:
+        raise RunRejected(f"code object s3://{bucket}/{key} is empty")
+    if key.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
+        return unpack_zip(data, limits)
+    return {main_file_name(runtime, key.rsplit("/", 1)[-1]): data}
+
+
+def _fetch_prefix(client, bucket: str, prefix: str, limits: Limits) -> Files:
+    keys: list[tuple[str, int]] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                keys.append((item["Key"], int(item.get("Size", 0))))
+            if len(keys) > limits.max_files:
+                raise RunRejected(f"prefix holds more than {limits.max_files} files")
+    if not keys:
+        raise RunRejected(f"no code under s3://{bucket}/{prefix}")
+    total = sum(size for _, size in keys)
+    if total > limits.max_code_bytes:
+        raise RunRejected(f"code under prefix is {total} bytes; at most {limits.max_code_bytes}")
+    files: Files = {}
+    for full_key, _ in keys:
+        name = safe_name(full_key[len(prefix) :])
+        files[name] = client.get_object(Bucket=bucket, Key=full_key)["Body"].read(
+            limits.max_code_bytes + 1
+        )
+    return files
+
+
+def content_hash(files: Mapping[str, bytes]) -> str:
+    """A stable identity for a submission (the tuner's default function key)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\x00" + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()[:16]
+
+
+def ensure_bucket(settings: Settings, bucket: str | None = None) -> str:
+    """Create the bucket if it is missing (local stack convenience; a no-op on real AWS)."""
+    name = bucket or settings.s3_bucket
+    client = s3_client(settings)
+    try:
+        client.head_bucket(Bucket=name)
+    except ClientError:
+        kwargs = {}
+        if settings.s3_region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": settings.s3_region}
+        client.create_bucket(Bucket=name, **kwargs)
+    return name
+
+
+def upload(settings: Settings, key: str, data: bytes, bucket: str | None = None) -> str:
+    name = bucket or settings.s3_bucket
+    s3_client(settings).put_object(Bucket=name, Key=key, Body=data)
+    return name

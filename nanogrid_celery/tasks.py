@@ -1,0 +1,41 @@
+"""The ``run_code`` task: a thin shell around :class:`Runner` that never raises."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .app import app
+from .logs import request_context
+from .runner import RunRequest
+from .worker import get_runner
+
+
+@app.task(name="nanogrid.run_code", bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_code(
+    self,
+    request_id: str | None = None,
+    runtime: str = "python",
+    s3_bucket: str = "",
+    s3_key: str = "",
+    stdin: str | None = None,
+    timeout_ms: int | None = None,
+    memory_mb: int | None = None,
+    submitted_at: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict."""
+    received_at = time.time()
+    request_id = request_id or self.request.id
+    with request_context(request_id):
+        req = RunRequest(
+            request_id=request_id,
+            runtime=runtime,
+            s3_bucket=s3_bucket,
+            s3_key=s3_key,
+            stdin=stdin,
+            timeout_ms=timeout_ms,
+            memory_mb=memory_mb,
+            submitted_at=submitted_at,
+        )
+        return get_runner().execute(req, received_at).to_dict()
