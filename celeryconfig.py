@@ -28,7 +28,6 @@ result_serializer = "json"
 accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = True
 worker_redirect_stdouts = False

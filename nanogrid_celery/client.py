@@ -63,7 +63,9 @@ def upload_code(
     return bucket, key
 
 
-def enqueue(request_id: str, runtime: str, bucket: str, key: str, **options: Any) -> AsyncResult:
+def enqueue(
+    request_id: str, runtime: str, bucket: str, key: str, queue: str | None = None, **options: Any
+) -> AsyncResult:
     """Send ``run_code`` for code already in S3 (``options``: stdin, timeout_ms, memory_mb)."""
     kwargs = {
         "request_id": request_id,
@@ -73,7 +75,7 @@ def enqueue(request_id: str, runtime: str, bucket: str, key: str, **options: Any
         "submitted_at": time.time(),
         **{k: v for k, v in options.items() if v is not None},
     }
-    return app.send_task("nanogrid.run_code", kwargs=kwargs, task_id=request_id)
+    return app.send_task("nanogrid.run_code", kwargs=kwargs, task_id=request_id, queue=queue)
 
 
 def submit(
@@ -83,14 +85,24 @@ def submit(
     stdin: str | None = None,
     timeout_ms: int | None = None,
     memory_mb: int | None = None,
+    function: str | None = None,
     request_id: str | None = None,
+    queue: str | None = None,
     settings: Settings | None = None,
 ) -> AsyncResult:
     """Upload ``code`` (a file, a folder, or ``{name: content}``) and enqueue a run."""
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     bucket, key = upload_code(code, request_id, settings)
     return enqueue(
-        request_id, runtime, bucket, key, stdin=stdin, timeout_ms=timeout_ms, memory_mb=memory_mb
+        request_id,
+        runtime,
+        bucket,
+        key,
+        stdin=stdin,
+        timeout_ms=timeout_ms,
+        memory_mb=memory_mb,
+        function=function,
+        queue=queue,
     )
 
 

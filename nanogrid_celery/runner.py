@@ -9,6 +9,7 @@ never dies on a submission.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ from docker.errors import DockerException
 
 from .config import Settings
 from .containers import Lease, create_container, destroy
+from .middleware import Middleware, RunContext, default_middleware
 from .output import decode
 from .pool import WarmPool
 from .result import ExecutionResult, InternalError, RunRejected, Status
 from .runtimes import plan_for, resolve_runtime
 from .sandbox import ExecSandbox, Outcome, RunLimits, SandboxDirty
-from .storage import fetch_submission
+from .storage import content_hash, fetch_submission
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -39,6 +41,7 @@ class RunRequest:
     timeout_ms: int | None = None
     memory_mb: int | None = None
     submitted_at: float | None = None
+    function: str | None = None
 
 
 def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | None) -> RunLimits:
@@ -68,14 +71,22 @@ def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | 
 class Runner:
     """Owns the docker client, the pool (if enabled) and the sandbox of one worker process."""
 
-    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: docker.DockerClient | None = None,
+        middleware: list[Middleware] | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client or docker.from_env(timeout=30)
         self.sandbox = ExecSandbox(settings, self.client)
         self.pool: WarmPool | None = None
         if settings.pool_enabled:
             self.pool = WarmPool(settings, self.client)
-        self.worker = f"{socket.gethostname()}"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.middleware: list[Middleware] = (
+            default_middleware(settings) if middleware is None else middleware
+        )
 
     def start(self) -> None:
         if self.pool:
@@ -98,8 +109,9 @@ class Runner:
         )
         if req.submitted_at:
             result.queue_ms = round(max(0.0, received_at - float(req.submitted_at)) * 1000, 3)
+        box: list[RunContext] = []
         try:
-            self._execute(req, result)
+            self._execute(req, result, box)
         except RunRejected as exc:
             result.status, result.message = Status.REJECTED, str(exc)
         except InternalError as exc:
@@ -110,6 +122,8 @@ class Runner:
             result.message = f"unexpected {type(exc).__name__}: {exc}"
         result.finished_at = time.time()
         result.total_ms = round((time.perf_counter() - t0) * 1000, 3)
+        for mw in self.middleware:
+            _guarded(mw.after_run, box[0] if box else None, result)
         log.info(
             "run finished",
             extra={
@@ -124,7 +138,7 @@ class Runner:
         )
         return result
 
-    def _execute(self, req: RunRequest, result: ExecutionResult) -> None:
+    def _execute(self, req: RunRequest, result: ExecutionResult, box: list[RunContext]) -> None:
         runtime = resolve_runtime(req.runtime)
         result.runtime = runtime
         limits = resolve_limits(self.settings, req.timeout_ms, req.memory_mb)
@@ -132,17 +146,39 @@ class Runner:
         stdin = _stdin_bytes(self.settings, req.stdin)
         files = fetch_submission(self.settings, runtime, req.s3_bucket, req.s3_key)
         plan = plan_for(runtime, set(files))
-        for attempt in (1, 2):
-            result.attempts = attempt
+        ctx = RunContext(
+            request=req,
+            runtime=runtime,
+            function=req.function or content_hash(files),
+            limits=limits,
+            explicit_memory=req.memory_mb is not None,
+        )
+        box.append(ctx)
+        for mw in self.middleware:
+            _guarded(mw.before_run, ctx)
+        failures = 0
+        while True:
+            result.attempts = ctx.attempt
+            result.limits = ctx.limits.as_dict()
             try:
-                outcome = self._run_once(runtime, plan, files, stdin, limits, result)
+                outcome = self._run_once(runtime, plan, files, stdin, ctx.limits, result)
             except (InternalError, DockerException, SandboxDirty, OSError) as exc:
-                log.warning("attempt %d failed: %s", attempt, exc)
-                if attempt == 2:
+                failures += 1
+                log.warning("attempt %d failed: %s", ctx.attempt, exc)
+                if failures == 2:
                     raise InternalError(f"execution failed twice: {exc}") from exc
+                ctx.attempt += 1
                 continue
-            _fill(result, outcome)
-            return
+            retry = None
+            if ctx.attempt < 3:
+                for mw in self.middleware:
+                    retry = retry or _guarded(mw.retry_limits, ctx, outcome)
+            if retry is None:
+                _fill(result, outcome)
+                return
+            log.info("retrying with new limits", extra={"fields": retry.as_dict()})
+            ctx.limits = retry
+            ctx.attempt += 1
 
     def _run_once(self, runtime, plan, files, stdin, limits, result) -> Outcome:
         lease = self._lease(runtime)
@@ -205,3 +241,12 @@ def _fill(result: ExecutionResult, outcome: Outcome) -> None:
     result.cpu_time_ms = outcome.cpu_time_ms
     if outcome.cpu_time_ms is not None and outcome.duration_ms:
         result.cpu_usage_percent = round(100 * outcome.cpu_time_ms / outcome.duration_ms, 1)
+
+
+def _guarded(hook, *args):
+    """Run a middleware hook; a broken observer must never fail the run."""
+    try:
+        return hook(*args)
+    except Exception:
+        log.exception("middleware %s failed", getattr(hook, "__qualname__", hook))
+        return None

@@ -22,6 +22,7 @@ def run_code(
     timeout_ms: int | None = None,
     memory_mb: int | None = None,
     submitted_at: float | None = None,
+    function: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict."""
@@ -37,5 +38,6 @@ def run_code(
             timeout_ms=timeout_ms,
             memory_mb=memory_mb,
             submitted_at=submitted_at,
+            function=function,
         )
         return get_runner().execute(req, received_at).to_dict()

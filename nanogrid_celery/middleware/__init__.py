@@ -1,0 +1,51 @@
+"""Hooks around a run, one concern per module (as in dramatiq's middleware).
+
+The runner stays a straight line - fetch, lease, run, reset - and everything
+that only *observes* or *advises* a run (the auto-tuner, result publishing,
+metrics) lives in a middleware. :func:`default_middleware` is the one list
+that says which are on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..result import ExecutionResult
+    from ..runner import RunRequest
+    from ..sandbox import Outcome, RunLimits
+
+
+@dataclass
+class RunContext:
+    """What middleware may read (and, in ``before_run``, change) about one run."""
+
+    request: RunRequest
+    runtime: str
+    function: str
+    limits: RunLimits
+    explicit_memory: bool
+    tuned: bool = False
+    attempt: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+class Middleware:
+    """Override what you need; every hook is optional and must not raise into the run."""
+
+    def before_run(self, ctx: RunContext) -> None:
+        """Called once the submission is fetched and valid, before a container is leased."""
+
+    def retry_limits(self, ctx: RunContext, outcome: Outcome) -> RunLimits | None:
+        """Return new limits to run once more (e.g. an OOM under a tuned limit), else None."""
+        return None
+
+    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
+        """Called with every final result, rejected and internal errors included."""
+
+
+def default_middleware(settings: Settings) -> list[Middleware]:
+    """The middleware a worker runs with; each module adds itself here."""
+    return []

@@ -1,0 +1,115 @@
+"""Real workers for integration tests: ``celery -A nanogrid_celery worker`` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import docker
+
+from nanogrid_celery import client
+from nanogrid_celery.result import ExecutionResult
+
+REPO = Path(__file__).resolve().parents[2]
+LOG_DIR = REPO / ".run" / "test-logs"
+
+
+class WorkerProcess:
+    """One worker with its own queue and instance label, so tests never share containers."""
+
+    def __init__(self, name: str, concurrency: int = 1, **env: str | int) -> None:
+        uid = uuid.uuid4().hex[:6]
+        self.name = f"{name}-{uid}"
+        self.instance = f"{os.environ['NANOGRID_INSTANCE']}-{name}-{uid}"
+        self.queue = f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
+        self.concurrency = concurrency
+        self.env = {
+            **os.environ,
+            "NANOGRID_INSTANCE": self.instance,
+            "NANOGRID_QUEUE": self.queue,
+            **{f"NANOGRID_{k.upper()}": str(v) for k, v in env.items()},
+        }
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.docker = docker.from_env()
+
+    @property
+    def pool_target(self) -> int:
+        if self.env.get("NANOGRID_POOL_ENABLED", "true").lower() in {"0", "false", "no"}:
+            return 0
+        py = int(self.env.get("NANOGRID_POOL_PYTHON", 2))
+        cpp = int(self.env.get("NANOGRID_POOL_CPP", 1))
+        return self.concurrency * (py + cpp)
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "nanogrid_celery",
+                "worker",
+                "--loglevel=INFO",
+                f"--concurrency={self.concurrency}",
+                "-n",
+                f"{self.name}@%h",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log_tail()}")
+            if "ready." in self.log_path.read_text() and self.paused_count() >= self.pool_target:
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- containers ----------------------------------------------------------------
+    def containers(self) -> list:
+        return self.docker.containers.list(
+            all=True, filters={"label": [f"nanogrid.instance={self.instance}"]}
+        )
+
+    def paused_count(self) -> int:
+        return sum(1 for c in self.containers() if c.status == "paused")
+
+    def wait_pool_full(self, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.paused_count() >= self.pool_target:
+                return True
+            time.sleep(0.1)
+        return False
+
+    # -- submissions -----------------------------------------------------------------
+    def submit(self, code, runtime: str = "python", **options):
+        return client.submit(code, runtime, queue=self.queue, **options)
+
+    def run(self, code, runtime: str = "python", wait: float = 90, **options) -> ExecutionResult:
+        return client.wait(self.submit(code, runtime, **options), timeout=wait)
