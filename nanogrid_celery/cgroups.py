@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
@@ -52,18 +53,22 @@ class ContainerCgroup:
         text = (self.pids / "cgroup.procs").read_text()
         return {int(p) for p in text.split()}
 
-    def kill_all_except(self, keep: set[int]) -> int:
-        """SIGKILL every process but ``keep``; repeat while forks race us. Returns count."""
+    def kill_all_except(self, keep: set[int], timeout: float = 3.0) -> int:
+        """SIGKILL every process but ``keep`` until none is left (forks race us; dying ones linger).
+
+        Returns how many kills were sent; the caller verifies with :meth:`procs`.
+        """
         killed = 0
-        for _ in range(50):
+        deadline = time.monotonic() + timeout
+        while True:
             victims = self.procs() - keep
-            if not victims:
+            if not victims or time.monotonic() > deadline:
                 return killed
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
-        return killed
+            time.sleep(0.0005)
 
     # -- memory ----------------------------------------------------------------
     def _mem(self, name: str) -> Path:
