@@ -51,7 +51,8 @@ def test_timeout_kills_the_whole_process_tree(run):
     check = run(
         py(
             "import os\n"
-            "cmds = [open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
+            "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+            "cmds = [open(f'/proc/{p}/cmdline', 'rb').read() for p in pids]\n"
             "print(sum(1 for c in cmds if b'300' in c or b'while' in c))"
         )
     )
@@ -177,7 +178,8 @@ def test_user_is_not_root_and_has_no_capabilities(run):
     code = (
         "import os\n"
         "print(os.getuid(), os.geteuid(), os.getgid())\n"
-        "caps = [l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'NoNewPrivs'))]\n"
+        "keys = ('CapEff', 'CapPrm', 'NoNewPrivs')\n"
+        "caps = [l for l in open('/proc/self/status') if l.startswith(keys)]\n"
         "print(''.join(caps).split())\n"
     )
     result = run(py(code))
@@ -191,9 +193,8 @@ def test_huge_stdout_is_capped_and_worker_memory_stays_flat(worker, run):
         pids = subprocess.run(["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True)
         total = 0
         for pid in [worker.proc.pid, *map(int, pids.stdout.split())]:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            with open(f"/proc/{pid}/status") as fh:
+                total += sum(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:"))
         return total
 
     run(py("print('warm up')"))
