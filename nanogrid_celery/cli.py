@@ -85,12 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove NanoGrid containers (by label)")
     cleanup.add_argument("--all-instances", action="store_true")
     cleanup.set_defaults(func=_cmd_cleanup)
+
+    from .cli_tune import add_commands  # watch, tune show|reset
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a CLI prints one clear line, not a traceback
+        print(f"nanogrid {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -299,6 +299,9 @@ def _run_pipeline(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
+                # Own process group, so an abort can signal mmdebstrap and its chrooted
+                # children together (see _stop_mmdebstrap).
+                start_new_session=True,
             )
             assert mm.stdout is not None and mm.stderr is not None
             imp = subprocess.Popen(imp_argv, stdin=mm.stdout, stdout=imp_out, stderr=imp_err)
@@ -342,8 +345,10 @@ def _run_pipeline(
             raise ImageBuildError(f"docker import printed no image ID (stderr: {import_err!r})")
         return _Pipeline(image_id=image_id, stderr_tail=list(tail))
     finally:
-        for proc in (mm, imp):
-            _stop(proc)
+        # Import first: a still-running import could otherwise turn the rest of the stream
+        # into a complete (untagged) image while mmdebstrap winds down.
+        _stop_import(imp)
+        _stop_mmdebstrap(mm)
         _remove_scratch(scratch)
 
 
@@ -369,15 +374,33 @@ def _failure_message(
     return "\n".join(parts)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM lets mmdebstrap unmount and clean its chroot; SIGKILL only as a last resort."""
+def _stop_import(proc: subprocess.Popen[bytes] | None) -> None:
+    """Cancel a running docker import; the daemon then discards the partial image."""
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _stop_mmdebstrap(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGINT to the whole group, as Ctrl-C would: mmdebstrap unmounts and cleans its chroot.
+
+    SIGTERM to mmdebstrap alone is not enough: it can finish the current step first.
+    SIGKILL only as a last resort (leftover mounts are then handled by _remove_scratch).
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
