@@ -86,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--all-instances", action="store_true")
     cleanup.set_defaults(func=_cmd_cleanup)
 
-    from .cli_tune import add_commands  # watch, tune show|reset
-
-    add_commands(sub)
     return parser
 
 
