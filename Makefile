@@ -67,8 +67,8 @@ format: bootstrap
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bootstrap
-	$(PY) -m benchmarks.run
+bench: images
+	$(VENV)/bin/python -m benchmarks.run
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache benchmarks/out

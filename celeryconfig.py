@@ -5,11 +5,21 @@ prefetch 1 so a slow run never holds a second message hostage, and an SQS
 visibility timeout longer than the longest allowed run.
 """
 
+import os
+
 from nanogrid_celery.config import get_settings
+from nanogrid_celery.monitoring import sent_events as _sent_events  # noqa: F401 - client receiver
 
 _s = get_settings()
 
 broker_url = _s.broker_url
+# kombu's SQS transport, but polling survives an SQS outage (see the module). Only for an SQS
+# broker: `celery --broker=redis://... flower` (which sets CELERY_BROKER_URL) must stay on Redis.
+broker_transport = (
+    "nanogrid_celery.sqs_transport:Transport"
+    if os.environ.get("CELERY_BROKER_URL", broker_url).startswith("sqs://")
+    else None
+)
 broker_transport_options = {
     "region": _s.sqs_region,
     "is_secure": _s.sqs_secure,
@@ -29,6 +39,16 @@ accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# issue 7: visibility heartbeat + startup check, dead-letter queue for poison messages
+imports = ("nanogrid_celery.visibility", "nanogrid_celery.deadletter")
+# issue 6 (docs/monitoring.md): the metrics module must be imported by the main process
+imports += ("nanogrid_celery.monitoring.metrics",)
+# WorkerConsumer = the dead-letter consumer + events/remote control over Redis (no SQS fanout)
+worker_consumer = "nanogrid_celery.consumer:WorkerConsumer"
+worker_send_task_events = bool(_s.events_broker_url)
+# Celery would send task-sent on the task's SQS producer, where it is dropped; the client's
+# task-sent events go to Redis through monitoring.sent_events (imported above) instead.
+task_send_sent_event = False
 worker_hijack_root_logger = True
 worker_redirect_stdouts = False
 timezone = "UTC"

@@ -20,6 +20,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stdin=stdin,
         timeout_ms=args.timeout_ms,
         memory_mb=args.memory_mb,
+        function=args.function,
         wait_timeout=args.wait,
     )
     if args.json:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stdin", help="file whose content is the program's stdin")
     run.add_argument("--timeout-ms", type=int)
     run.add_argument("--memory-mb", type=int)
+    run.add_argument("--function", help="name for the auto-tuner (default: hash of the code)")
     run.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
     run.add_argument("--json", action="store_true", help="print the whole ExecutionResult")
     run.set_defaults(func=_cmd_run)
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--all-instances", action="store_true")
     cleanup.set_defaults(func=_cmd_cleanup)
 
+    from .cli_tune import add_commands  # watch, tune show|reset
+
+    add_commands(sub)
     return parser
 
 

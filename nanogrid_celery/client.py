@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from .app import app
 from .config import Settings, get_settings
 from .result import ExecutionResult
-from .storage import ensure_bucket, upload
+from .storage import content_addressed_key, ensure_bucket, upload
 
 Submission = str | Path | Mapping[str, bytes | str]
 
@@ -31,10 +31,15 @@ def _bucket_ready(settings: Settings) -> str:
 
 
 def _zip(files: Mapping[str, bytes | str]) -> bytes:
+    """A deterministic zip (sorted names, fixed timestamps): same code, same bytes, same key."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, content in files.items():
-            zf.writestr(name, content.encode() if isinstance(content, str) else content)
+        for name in sorted(files):
+            content = files[name]
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, content.encode() if isinstance(content, str) else content)
     return buf.getvalue()
 
 
@@ -51,15 +56,30 @@ def _package(code: Submission) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
+_UPLOADED: dict[tuple[str, str], float] = {}
+UPLOAD_MEMO_SECONDS = 300.0
+
+
 def upload_code(
-    code: Submission, request_id: str, settings: Settings | None = None
+    code: Submission, request_id: str | None = None, settings: Settings | None = None
 ) -> tuple[str, str]:
-    """Put the code in S3 under ``submissions/<request id>/``; returns (bucket, key)."""
+    """Put the code in S3 under a key named by its SHA-256; returns (bucket, key).
+
+    The key names its bytes (``code/sha256-<hex>/<name>``), so the same function
+    submitted again is neither uploaded again by this process (for a few
+    minutes) nor downloaded again by a worker that has it cached: FaaS traffic
+    is mostly the same code with new input.
+    """
     settings = settings or get_settings()
     bucket = _bucket_ready(settings)
     name, data = _package(code)
-    key = f"submissions/{request_id}/{name}"
-    upload(settings, key, data, bucket)
+    key = content_addressed_key(data, name)
+    now = time.monotonic()
+    if now - _UPLOADED.get((bucket, key), -UPLOAD_MEMO_SECONDS) >= UPLOAD_MEMO_SECONDS:
+        upload(settings, key, data, bucket)
+        if len(_UPLOADED) > 10_000:
+            _UPLOADED.clear()
+        _UPLOADED[(bucket, key)] = now
     return bucket, key
 
 

@@ -62,6 +62,13 @@ class Settings:
     sqs_wait_seconds: int = 20
     queue: str = "nanogrid-runs"
     visibility_timeout: int = 600
+    # reliability (issue 7): see visibility.py, idempotency.py, deadletter.py
+    visibility_margin_s: int = 60
+    claim_ttl_s: int = 30
+    duplicate_delay_s: int = 5
+    max_starts: int = 3
+    dlq_max_receives: int = 5
+    dead_letter_queue: str = ""
     result_backend: str = "redis://127.0.0.1:6379/0"
     result_expires: int = 86_400
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -75,11 +82,41 @@ class Settings:
     pool_enabled: bool = True
     pool_python: int = 2
     pool_cpp: int = 1
+    # fast path (issue 4): "agent" runs through the in-container agent, "exec" via docker exec
+    executor: str = "agent"
+    agent_zygote: bool = True  # python runs fork from a warm interpreter instead of exec'ing one
+    pause_grace_ms: int = 500  # an idle container is paused this long after release; 0 = at once
+    s3_cache_entries: int = 512  # submissions cached by (bucket, key, ETag); 0 = off
+    s3_cache_mb: int = 64
     work_root: str = "/var/lib/nanogrid"
     instance: str = "local"
     sandbox_user: str = "65534:65534"
     log_json: bool = False
     log_level: str = "INFO"
+    # auto-tuner: limit = clamp(round_up(p95(peak) * headroom + floor, step), min, max)
+    tuner_enabled: bool = True
+    tuner_headroom: float = 1.5
+    tuner_floor_mb: int = 16
+    tuner_step_mb: int = 32
+    tuner_min_mb: int = 64
+    tuner_max_mb: int = 1024
+    tuner_min_runs: int = 5
+    tuner_history: int = 50
+    tuner_ttl_seconds: int = 7 * 86_400
+    tuner_max_functions: int = 100_000
+    tuner_prefix: str = "nanogrid:tuner"
+    # result events: every ExecutionResult on a bounded stream and a pub/sub channel
+    events_enabled: bool = True
+    events_stream: str = "nanogrid:results"
+    events_channel: str = "nanogrid:results"
+    events_maxlen: int = 10_000
+    events_output_max_chars: int = 4096
+    # monitoring: Celery events + remote control over Redis (SQS has no fanout), so Flower
+    # works with `--broker=<events_broker_url>`; "" turns both off
+    events_broker_url: str = "redis://127.0.0.1:6379/1"
+    # Prometheus endpoint served by the worker's main process; 0 = off
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

@@ -3,7 +3,10 @@
 Every container is created from :func:`create_kwargs`: no network, read-only
 root, tmpfs scratch, all capabilities dropped, no-new-privileges, pids/memory/
 CPU limits and an init that reaps zombies. The only host path it sees is its
-own lease directory, mounted read-only at ``/sandbox``. Labels carry the worker
+own lease directory, mounted read-only at ``/sandbox`` (with the agent executor
+also the lease's private control directory at ``/run/nanogrid``: mode 0700,
+root only, where the in-container agent listens; the agent keeps SETUID and
+SETGID to drop each program to the sandbox user). Labels carry the worker
 host, pid and process start time so a later worker can tell an orphan (its
 owner is gone) from a sibling's live container.
 """
@@ -33,6 +36,12 @@ LABEL = "nanogrid"
 SANDBOX_DIR = "/sandbox"
 CODE_DIR = "/sandbox/code"
 STDIN_PATH = "/sandbox/stdin"
+# agent executor: a second, private host dir (0700, so the sandbox user cannot enter it) holds
+# the agent script and its socket; only root inside the container (the agent) can use it
+CTL_DIR = "/run/nanogrid"
+AGENT_SOURCE = Path(__file__).with_name("guest") / "agent.py"
+AGENT_COMMAND = ["python3", "-u", "-B", f"{CTL_DIR}/agent.py", "--kill-scope", "uid"]
+AGENT_READY_TIMEOUT = 10.0
 
 
 def process_start_time(pid: int) -> str:
@@ -87,11 +96,25 @@ class Lease:
         return Path(f"/proc/{self.init_pid}/root")
 
 
+def ctl_dir(host_dir: Path) -> Path:
+    """The lease's control directory (agent script + socket), a sibling of its code dir."""
+    return host_dir.with_name(host_dir.name + ".ctl")
+
+
+def agent_socket(host_dir: Path) -> Path:
+    return ctl_dir(host_dir) / "agent.sock"
+
+
+def _remove_lease_dirs(host_dir: Path | str) -> None:
+    shutil.rmtree(host_dir, ignore_errors=True)
+    shutil.rmtree(ctl_dir(Path(host_dir)), ignore_errors=True)
+
+
 def create_kwargs(settings: Settings, runtime: str, host_dir: Path, role: str) -> dict:
     lim = settings.limits
     memory = lim.default_memory_mb * 1024 * 1024
     labels = owner_labels(settings) | {f"{LABEL}.runtime": runtime, f"{LABEL}.role": role}
-    return {
+    kwargs = {
         "image": settings.image_for(runtime),
         "command": ["sleep", "infinity"],
         "name": f"nanogrid-{settings.instance}-{runtime}-{uuid.uuid4().hex[:10]}",
@@ -113,6 +136,11 @@ def create_kwargs(settings: Settings, runtime: str, host_dir: Path, role: str) -
         "nano_cpus": int(lim.cpus * 1e9),
         "environment": {"HOME": "/tmp", "LANG": "C.UTF-8"},
     }
+    if settings.executor == "agent":  # root agent drops to the sandbox user: SETUID/SETGID only
+        kwargs["command"] = AGENT_COMMAND
+        kwargs["volumes"][str(ctl_dir(host_dir))] = {"bind": CTL_DIR, "mode": "rw"}
+        kwargs["cap_add"] = ["SETUID", "SETGID"]
+    return kwargs
 
 
 def create_container(
@@ -124,11 +152,14 @@ def create_container(
     (host_dir / "code").mkdir(parents=True, mode=0o755)
     host_dir.chmod(0o755)
     kwargs = create_kwargs(settings, runtime, host_dir, role)
+    agent = settings.executor == "agent"
     try:
+        if agent:
+            _stage_agent(ctl_dir(host_dir))
         container = client.containers.run(**kwargs)
         container.reload()
     except Exception:
-        shutil.rmtree(host_dir, ignore_errors=True)
+        _remove_lease_dirs(host_dir)
         raise
     (host_dir / "container").write_text(container.id)
     init_pid = int(container.attrs["State"]["Pid"])
@@ -139,14 +170,39 @@ def create_container(
         if len(keep) >= 2:
             break
         time.sleep(0.005)
-    return Lease(container, runtime, host_dir, keep, cgroup, init_pid)
+    lease = Lease(container, runtime, host_dir, keep, cgroup, init_pid)
+    if agent and not _wait_for_agent(lease):
+        destroy(lease)
+        raise RuntimeError(f"agent in {lease.short_id} did not come up")
+    return lease
+
+
+def _stage_agent(path: Path) -> None:
+    """Private control dir: root-only, so the sandbox user cannot reach the agent's socket."""
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)
+    shutil.copyfile(AGENT_SOURCE, path / "agent.py")
+    (path / "agent.py").chmod(0o600)
+
+
+def _wait_for_agent(lease: Lease) -> bool:
+    """The agent renames its socket into place once it accepts (~30 ms of Python start-up)."""
+    sock = agent_socket(lease.host_dir)
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if sock.exists():
+            return True
+        if lease.init_pid and not Path(f"/proc/{lease.init_pid}").exists():
+            return False
+        time.sleep(0.003)
+    return False
 
 
 def destroy(lease: Lease) -> None:
     """Remove the container and its lease directory; never raises."""
     with contextlib.suppress(NotFound, APIError):
         lease.container.remove(force=True)
-    shutil.rmtree(lease.host_dir, ignore_errors=True)
+    _remove_lease_dirs(lease.host_dir)
 
 
 def _owner_alive(labels: dict[str, str]) -> bool:
@@ -177,7 +233,7 @@ def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
             container.remove(force=True)
             removed += 1
         if host_dir:
-            shutil.rmtree(host_dir, ignore_errors=True)
+            _remove_lease_dirs(host_dir)
     if removed:
         log.info("reaped orphan containers", extra={"fields": {"count": removed}})
     return removed
@@ -200,5 +256,5 @@ def remove_all(client: docker.DockerClient, instance: str | None = None) -> int:
             container.remove(force=True)
             removed += 1
         if host_dir:
-            shutil.rmtree(host_dir, ignore_errors=True)
+            _remove_lease_dirs(host_dir)
     return removed

@@ -8,17 +8,37 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+
+from celery._state import get_current_task
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        record.request_id = _request_id(record)
         return True
+
+
+def _request_id(record: logging.LogRecord) -> str:
+    """Ours if set; else Celery's own lines: the running task, or the task a line is about.
+
+    The task id is the request id (the client sends it as ``task_id``), so Celery's
+    "Task nanogrid.run_code[<id>] received" line in the main process is stamped too.
+    """
+    rid = request_id_var.get()
+    if rid != "-":
+        return rid
+    task = get_current_task()  # e.g. celery.app.trace lines in the child, around the task
+    if task is not None and isinstance(task.request.id, str):
+        return task.request.id
+    for ctx in (getattr(record, "data", None), record.args):
+        if isinstance(ctx, Mapping) and isinstance(ctx.get("id"), str):
+            return ctx["id"]
+    return "-"
 
 
 class JsonFormatter(logging.Formatter):

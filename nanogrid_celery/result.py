@@ -43,6 +43,7 @@ class ExecutionResult:
     queue_ms: float | None = None
     container_id: str | None = None
     start: str | None = None
+    start_ms: float | None = None  # getting the container: unpause (warm) or create (cold)
     worker: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -50,6 +51,10 @@ class ExecutionResult:
     peak_memory_bytes: int | None = None
     cpu_time_ms: float | None = None
     cpu_usage_percent: float | None = None
+    memory_limit_bytes: int | None = None
+    function: str | None = None
+    recommended_memory_mb: int | None = None
+    memory_tuned: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
 
     @property

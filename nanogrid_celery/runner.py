@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import docker
 from docker.errors import DockerException
 
+from .agent_sandbox import make_sandbox
 from .config import Settings
-from .containers import Lease, create_container, destroy
+from .containers import Lease, create_container, destroy, reap_orphans
 from .middleware import Middleware, RunContext, default_middleware
 from .output import decode
 from .pool import WarmPool
 from .result import ExecutionResult, InternalError, RunRejected, Status
 from .runtimes import plan_for, resolve_runtime
-from .sandbox import ExecSandbox, Outcome, RunLimits, SandboxDirty
+from .sandbox import Outcome, RunLimits, SandboxDirty
 from .storage import content_hash, fetch_submission
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Runner:
     ) -> None:
         self.settings = settings
         self.client = client or docker.from_env(timeout=30)
-        self.sandbox = ExecSandbox(settings, self.client)
+        self.sandbox = make_sandbox(settings, self.client)  # NANOGRID_EXECUTOR: agent | exec
         self.pool: WarmPool | None = None
         if settings.pool_enabled:
             self.pool = WarmPool(settings, self.client)
@@ -90,7 +91,11 @@ class Runner:
 
     def start(self) -> None:
         if self.pool:
-            self.pool.start()
+            self.pool.start()  # reaps orphans first
+        else:  # a replacement for a killed child must still reap what that child left
+            reap_orphans(self.settings, self.client)
+        for mw in self.middleware:
+            _guarded(mw.on_start, self)
 
     def shutdown(self) -> None:
         if self.pool:
@@ -154,12 +159,14 @@ class Runner:
             explicit_memory=req.memory_mb is not None,
         )
         box.append(ctx)
+        result.function = ctx.function
         for mw in self.middleware:
             _guarded(mw.before_run, ctx)
         failures = 0
         while True:
             result.attempts = ctx.attempt
             result.limits = ctx.limits.as_dict()
+            result.memory_limit_bytes = ctx.limits.memory_bytes
             try:
                 outcome = self._run_once(runtime, plan, files, stdin, ctx.limits, result)
             except (InternalError, DockerException, SandboxDirty, OSError) as exc:
@@ -181,7 +188,9 @@ class Runner:
             ctx.attempt += 1
 
     def _run_once(self, runtime, plan, files, stdin, limits, result) -> Outcome:
+        t_lease = time.perf_counter()
         lease = self._lease(runtime)
+        result.start_ms = round((time.perf_counter() - t_lease) * 1000, 3)
         result.container_id, result.start = lease.short_id, lease.start
         try:
             outcome = self.sandbox.run(lease, plan, files, stdin, limits)
@@ -239,6 +248,8 @@ def _fill(result: ExecutionResult, outcome: Outcome) -> None:
     result.compile_ms = outcome.compile_ms
     result.peak_memory_bytes = outcome.peak_memory_bytes
     result.cpu_time_ms = outcome.cpu_time_ms
+    if outcome.memory_limit_bytes is not None:
+        result.memory_limit_bytes = outcome.memory_limit_bytes
     if outcome.cpu_time_ms is not None and outcome.duration_ms:
         result.cpu_usage_percent = round(100 * outcome.cpu_time_ms / outcome.duration_ms, 1)
 

@@ -80,6 +80,7 @@ class Outcome:
     compile_ms: float | None = None
     peak_memory_bytes: int | None = None
     cpu_time_ms: float | None = None
+    memory_limit_bytes: int | None = None
 
 
 @dataclass
@@ -144,6 +145,7 @@ class ExecSandbox:
                 return failure
         cg.set_memory_limit(limits.memory_bytes)
         cg.set_pids_limit(limits.pids)
+        applied = cg.memory_limit()  # read back: what the kernel enforces, not what we asked
         cg.reset_peak()
         ooms = cg.oom_kills()
         cpu0 = cg.cpu_ns()
@@ -160,6 +162,7 @@ class ExecSandbox:
         outcome = self._classify(res, oom, limits)
         outcome.compile_ms = compile_ms
         outcome.peak_memory_bytes = cg.peak_bytes()
+        outcome.memory_limit_bytes = applied
         if cpu0 is not None and cpu1 is not None:
             outcome.cpu_time_ms = round((cpu1 - cpu0) / 1e6, 3)
         return outcome
@@ -263,6 +266,8 @@ class ExecSandbox:
                     stream.close()
                 raise SandboxDirty("exec stream did not close after killing the process tree")
         exit_code = self._exit_code(ex["Id"])
+        if not _container_alive(lease):  # our fault, not the program's: retry elsewhere
+            raise InternalError("the container died during the run (removed or Docker restarted)")
         duration = (ended_at[0] - started) * 1000
         return _Exec(exit_code, out, err, timed_out, round(duration, 3))
 
@@ -302,6 +307,14 @@ class ExecSandbox:
                 raise SandboxDirty(f"/{rel} is not empty after the wipe")
         if any(lease.code_dir.iterdir()):
             raise SandboxDirty("code directory is not empty after the wipe")
+
+
+def _container_alive(lease: Lease) -> bool:
+    """The container's init and keeper still run: a program cannot kill them (root-owned)."""
+    try:
+        return lease.keep_pids <= lease.cgroup.procs()
+    except OSError:
+        return False
 
 
 def _empty_dir(path: Path) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import stat
+import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import PurePosixPath
@@ -131,7 +134,7 @@ def fetch_submission(settings: Settings, runtime: str, bucket: str, key: str) ->
         if key.endswith("/"):
             files = _fetch_prefix(client, bucket, key, limits)
         else:
-            files = _fetch_object(client, bucket, key, runtime, limits)
+            files = _fetch_object_cached(settings, client, bucket, key, runtime)
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _MISSING:
@@ -145,8 +148,92 @@ def fetch_submission(settings: Settings, runtime: str, bucket: str, key: str) ->
     return files
 
 
+class SubmissionCache:
+    """Validated submissions by (bucket, key, runtime, limits), LRU-bounded in entries and bytes.
+
+    An entry is revalidated with a conditional GET (``IfNoneMatch`` on its ETag:
+    a 304 carries no body and skips the unzip and checks). Keys that name their
+    content (a ``sha256-<hex>`` path segment, verified against the bytes on the
+    first fetch) are immutable and served without any S3 call at all.
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, tuple[str, int, Files]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> tuple[str, Files] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0], entry[2]
+
+    def put(self, key: tuple, etag: str, files: Files, max_entries: int, max_bytes: int) -> None:
+        size = sum(len(c) for c in files.values())
+        if max_entries <= 0 or size > max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (etag, size, files)
+            self._bytes += size
+            while len(self._entries) > max_entries or self._bytes > max_bytes:
+                _, (_, dropped, _) = self._entries.popitem(last=False)
+                self._bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+CACHE = SubmissionCache()
+_CONTENT_ADDRESSED = re.compile(r"(?:^|/)sha256-([0-9a-f]{64})(?:[/.]|$)")
+
+
+def _fetch_object_cached(settings: Settings, client, bucket: str, key: str, runtime: str) -> Files:
+    limits = settings.limits
+    if settings.s3_cache_entries <= 0:
+        return _fetch_object(client, bucket, key, runtime, limits)
+    ck = (bucket, key, runtime, limits)
+    named = _CONTENT_ADDRESSED.search(key)
+    cached = CACHE.get(ck)
+    if cached is not None and named:
+        CACHE.hits += 1
+        return dict(cached[1])
+    try:
+        obj = client.get_object(
+            Bucket=bucket, Key=key, **({"IfNoneMatch": cached[0]} if cached else {})
+        )
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if cached is not None and (status == 304 or code in {"304", "NotModified"}):
+            CACHE.hits += 1
+            return dict(cached[1])
+        raise
+    CACHE.misses += 1
+    data, files = _read_object(obj, bucket, key, runtime, limits)
+    if named and hashlib.sha256(data).hexdigest() != named.group(1):
+        raise RunRejected(f"s3://{bucket}/{key} does not match the sha256 in its name")
+    etag = str(obj.get("ETag") or "")
+    if etag or named:
+        mb = settings.s3_cache_mb * 1024 * 1024
+        CACHE.put(ck, etag, files, settings.s3_cache_entries, mb)
+    return dict(files)
+
+
 def _fetch_object(client, bucket: str, key: str, runtime: str, limits: Limits) -> Files:
     obj = client.get_object(Bucket=bucket, Key=key)
+    return _read_object(obj, bucket, key, runtime, limits)[1]
+
+
+def _read_object(obj: dict, bucket: str, key: str, runtime: str, limits: Limits) -> tuple:
+    """(raw bytes, files) of a GET response, with every size check."""
     size = int(obj.get("ContentLength") or 0)
     if size > limits.max_code_bytes:
         obj["Body"].close()
@@ -157,8 +244,8 @@ def _fetch_object(client, bucket: str, key: str, runtime: str, limits: Limits) -
     if not data:
         raise RunRejected(f"code object s3://{bucket}/{key} is empty")
     if key.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
-        return unpack_zip(data, limits)
-    return {main_file_name(runtime, key.rsplit("/", 1)[-1]): data}
+        return data, unpack_zip(data, limits)
+    return data, {main_file_name(runtime, key.rsplit("/", 1)[-1]): data}
 
 
 def _fetch_prefix(client, bucket: str, prefix: str, limits: Limits) -> Files:
@@ -210,3 +297,8 @@ def upload(settings: Settings, key: str, data: bytes, bucket: str | None = None)
     name = bucket or settings.s3_bucket
     s3_client(settings).put_object(Bucket=name, Key=key, Body=data)
     return name
+
+
+def content_addressed_key(data: bytes, name: str, prefix: str = "code") -> str:
+    """``<prefix>/sha256-<hex>/<name>``: a key that names its bytes, cached without revalidation."""
+    return f"{prefix}/sha256-{hashlib.sha256(data).hexdigest()}/{name}"

@@ -1,4 +1,4 @@
-"""The ``run_code`` task: a thin shell around :class:`Runner` that never raises."""
+"""The ``run_code`` task: a thin shell around :class:`Runner`, run once per request id."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from .app import app
+from .idempotency import run_once
 from .logs import request_context
 from .runner import RunRequest
 from .worker import get_runner
@@ -40,4 +41,6 @@ def run_code(
             submitted_at=submitted_at,
             function=function,
         )
-        return get_runner().execute(req, received_at).to_dict()
+        return run_once(
+            self, request_id, str(runtime), lambda: get_runner().execute(req, received_at).to_dict()
+        )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent install of what NanoGrid needs on a Debian 12 machine:
-#   - apt packages docker.io, redis-server, mmdebstrap (only those missing;
+#   - apt packages docker.io, redis-server, mmdebstrap, chromium (only those missing;
 #     `apt-get update` runs once, only when something must be installed)
 #   - a virtualenv at .venv with `pip install -e '.[dev]'`, redone only when
 #     pyproject.toml changed since the last successful install.
@@ -49,6 +49,7 @@ missing_pkgs=()
 if ! have dockerd || ! have docker; then missing_pkgs+=(docker.io); fi
 have redis-server || missing_pkgs+=(redis-server)
 have mmdebstrap || missing_pkgs+=(mmdebstrap)
+have chromium || missing_pkgs+=(chromium) # headless browser check of Flower (tests/integration)
 
 PYTHON="$(find_python || true)"
 if [[ -z "$PYTHON" ]]; then

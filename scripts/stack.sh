@@ -13,9 +13,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SCRIPTS="$REPO_ROOT/scripts"
 WORKER_READY_S=${NANOGRID_WORKER_READY_S:-60}
+# The worker's Prometheus endpoint (0 turns it off); exported so the worker inherits it.
+export NANOGRID_METRICS_PORT=${NANOGRID_METRICS_PORT:-9808}
 WORKER_PATTERN="nanogrid_celery worker"
-FLOWER_PATTERN="nanogrid_celery flower"
-FLOWER_BROKER="redis://$REDIS_HOST:$REDIS_PORT/1"
+# Where the worker sends Celery events and listens for remote control (events_broker_url).
+FLOWER_BROKER="${NANOGRID_EVENTS_BROKER_URL:-redis://$REDIS_HOST:$REDIS_PORT/1}"
+FLOWER_PATTERN="nanogrid_celery.monitoring.app --broker=$FLOWER_BROKER flower"
 
 cd "$REPO_ROOT"
 export_local_aws_env
@@ -92,9 +95,11 @@ flower_up() {
     rotate_log "$log_file"
     log "starting Flower on http://127.0.0.1:$FLOWER_PORT (log: $log_file)"
     local pid
+    # The monitoring app (docs/monitoring.md) talks to the events Redis, not SQS. --broker is a
+    # celery option: it must come before `flower` (after it, Flower silently ignores it).
     pid="$(start_bg flower "$log_file" env FLOWER_UNAUTHENTICATED_API=true \
-        "$VENV/bin/celery" -A nanogrid_celery flower --port="$FLOWER_PORT" \
-        --broker="$FLOWER_BROKER")"
+        "$VENV/bin/celery" -A nanogrid_celery.monitoring.app --broker="$FLOWER_BROKER" flower \
+        --port="$FLOWER_PORT")"
     # Flower is a convenience: a failure here is reported, not fatal.
     if wait_for_port 127.0.0.1 "$FLOWER_PORT" 30 "$pid"; then
         ok "Flower ready (pid $pid)"
@@ -123,6 +128,7 @@ NanoGrid is up.
   SQS + S3 (moto)   http://$MOTO_HOST:$MOTO_PORT   (queue ${NANOGRID_QUEUE:-nanogrid-runs}, bucket ${NANOGRID_S3_BUCKET:-nanogrid-code})
   Redis (results)   redis://$REDIS_HOST:$REDIS_PORT/0
   Flower            http://127.0.0.1:$FLOWER_PORT
+  Metrics           http://127.0.0.1:$NANOGRID_METRICS_PORT/metrics   (0 = off)
   Worker            pid $(read_pid worker || echo '?'), log $RUN_DIR/worker.log
   Logs              $RUN_DIR/{worker,flower,dockerd,redis,moto}.log
   Work root         $WORK_ROOT

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..config import Settings
     from ..result import ExecutionResult
-    from ..runner import RunRequest
+    from ..runner import Runner, RunRequest
     from ..sandbox import Outcome, RunLimits
 
 
@@ -45,7 +45,23 @@ class Middleware:
     def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
         """Called with every final result, rejected and internal errors included."""
 
+    def on_start(self, runner: Runner) -> None:
+        """Called once when the runner has started (pool filling); e.g. to watch the pool."""
+
 
 def default_middleware(settings: Settings) -> list[Middleware]:
     """The middleware a worker runs with; each module adds itself here."""
-    return []
+    active: list[Middleware] = []
+    if settings.tuner_enabled:
+        from .tuner import TunerMiddleware
+
+        active.append(TunerMiddleware(settings))
+    if settings.events_enabled:  # after the tuner: events carry its fields
+        from .events import EventsMiddleware
+
+        active.append(EventsMiddleware(settings))
+    if settings.metrics_port > 0:  # last: counts the final result, tuner fields included
+        from .metrics import MetricsMiddleware
+
+        active.append(MetricsMiddleware(settings))
+    return active

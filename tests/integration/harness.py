@@ -93,7 +93,9 @@ class WorkerProcess:
     # -- containers ----------------------------------------------------------------
     def containers(self) -> list:
         return self.docker.containers.list(
-            all=True, filters={"label": [f"nanogrid.instance={self.instance}"]}
+            all=True,
+            filters={"label": [f"nanogrid.instance={self.instance}"]},
+            ignore_removed=True,  # one removed between list and inspect must not fail a test
         )
 
     def paused_count(self) -> int:

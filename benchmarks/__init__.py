@@ -1,0 +1,1 @@
+"""Benchmarks and load generators (``make bench`` runs :mod:`benchmarks.run`)."""

@@ -1,0 +1,104 @@
+"""Every final ExecutionResult, published to Redis for a control plane.
+
+Two ways to consume, one message format (see docs/events.md): a Stream
+(``XADD ... MAXLEN ~ N``) that a consumer group reads without loss, and a
+pub/sub channel for live listeners. Outputs are cut to
+``events_output_max_chars`` so the bounded stream stays small; the full result
+is still in the Celery result backend. Publishing is best effort: a Redis
+outage is logged and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from .config import Settings
+from .redis_conn import get_redis
+from .result import ExecutionResult
+
+log = logging.getLogger(__name__)
+
+EVENT_VERSION = 1
+
+
+def event_payload(result: ExecutionResult, output_max_chars: int) -> dict[str, Any]:
+    """The message body: the result's fields plus event metadata, outputs capped."""
+    data = result.to_dict()
+    cut = False
+    for name in ("stdout", "stderr"):
+        text = data.get(name) or ""
+        if output_max_chars >= 0 and len(text) > output_max_chars:
+            data[name] = text[:output_max_chars]
+            cut = True
+    data["output_cut"] = cut
+    data["event_version"] = EVENT_VERSION
+    data["published_at"] = round(time.time(), 6)
+    return data
+
+
+def stream_fields(payload: dict[str, Any]) -> dict[str, str]:
+    """Stream entry: the JSON body plus a few flat fields consumers can filter on cheaply."""
+    return {
+        "request_id": str(payload.get("request_id") or ""),
+        "function": str(payload.get("function") or ""),
+        "status": str(payload.get("status") or ""),
+        "result": json.dumps(payload, separators=(",", ":")),
+    }
+
+
+def parse_entry(fields: dict[str, str]) -> dict[str, Any]:
+    """The payload of one stream entry (the inverse of :func:`stream_fields`)."""
+    return json.loads(fields["result"])
+
+
+class ResultPublisher:
+    """XADD + PUBLISH each result; never raises."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self._client = client
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self._client or get_redis(self.settings.redis_url)
+
+    def publish(self, result: ExecutionResult) -> str | None:
+        """The stream entry id, or None if Redis could not be reached."""
+        s = self.settings
+        try:
+            payload = event_payload(result, s.events_output_max_chars)
+            fields = stream_fields(payload)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(s.events_stream, fields, maxlen=s.events_maxlen, approximate=True)
+            pipe.publish(s.events_channel, fields["result"])
+            entry_id, _listeners = pipe.execute()
+            return entry_id
+        except (RedisError, OSError, TypeError, ValueError) as exc:
+            log.warning(
+                "could not publish result event: %s",
+                exc,
+                extra={"fields": {"stream": s.events_stream}},
+            )
+            return None
+
+
+def tail(
+    client: redis.Redis, stream: str, last_id: str = "$", block_ms: int = 5000
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Follow ``stream`` from after ``last_id`` forever, yielding (entry id, payload)."""
+    while True:
+        reply = client.xread({stream: last_id}, count=100, block=block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                try:
+                    yield entry_id, parse_entry(fields)
+                except (KeyError, ValueError):
+                    log.warning("skipping malformed event %s", entry_id)

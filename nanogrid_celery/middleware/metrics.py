@@ -1,0 +1,35 @@
+"""Prometheus metrics for every run and the pool (on when ``NANOGRID_METRICS_PORT`` > 0).
+
+The metric definitions and the endpoint live in :mod:`nanogrid_celery.monitoring.metrics`;
+this middleware only feeds them: each final result in ``after_run``, and the pool's
+state from a sampler thread started in ``on_start``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..monitoring import metrics
+from . import Middleware, RunContext
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..result import ExecutionResult
+    from ..runner import Runner
+
+
+class MetricsMiddleware(Middleware):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sampler: metrics.PoolSampler | None = None
+        self.runner: Runner | None = None
+
+    def on_start(self, runner: Runner) -> None:
+        self.runner = runner
+        if runner.pool is not None and self.sampler is None:
+            self.sampler = metrics.PoolSampler(runner.pool).start()
+
+    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
+        metrics.observe(result)
+        if self.runner is not None and self.runner.pool is not None:
+            metrics.sample_pool(self.runner.pool)  # fresh right after a lease and release

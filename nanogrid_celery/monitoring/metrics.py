@@ -1,0 +1,283 @@
+"""Prometheus metrics of one worker, summed over its prefork processes.
+
+Runs happen in the prefork children and the HTTP endpoint lives in the main
+process, so prometheus_client's multiprocess mode joins them: every process
+writes its samples to mmap files in ``PROMETHEUS_MULTIPROC_DIR`` and the
+endpoint adds them up on each scrape.
+
+The order matters, and Celery's signals give it:
+
+1. ``worker_init`` (main process, before the pool forks): create a private
+   directory and export ``PROMETHEUS_MULTIPROC_DIR``, which the children inherit.
+   This module is imported there through celeryconfig's ``imports``.
+2. children: metric objects are created lazily (:func:`_metrics`) - after the
+   variable is set, which is when prometheus_client picks its multiprocess
+   value class. They count results (:func:`observe`) and sample the pool
+   (:class:`PoolSampler`; ``livesum`` gauges, so a child that exits cleanly
+   stops counting while its counters stay).
+3. ``worker_ready`` (main process): serve ``/metrics`` from the directory.
+4. ``worker_shutdown``: stop serving, remove the directory we created.
+
+Only a worker does any of this, and only with ``NANOGRID_METRICS_PORT`` > 0; any
+other process that imports the module (Flower imports the ``imports`` list too)
+keeps plain in-process metrics and creates no files.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+    values,
+)
+
+from ..config import get_settings
+from ..runtimes import RUNTIMES
+
+if TYPE_CHECKING:
+    from ..pool import WarmPool
+    from ..result import ExecutionResult
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SAMPLE_INTERVAL_S = 5.0
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    runs: Counter
+    starts: Counter
+    retries: Counter
+    tuned: Counter
+    queue_wait: Histogram
+    start: Histogram
+    compile: Histogram
+    run: Histogram
+    total: Histogram
+    pool: Gauge
+    pool_target: Gauge
+
+
+def _create() -> Metrics:
+    # The value class (in-process or mmap files) is chosen from the environment when
+    # prometheus_client is imported; choose again now that worker_init may have set it.
+    values.ValueClass = values.get_value_class()
+    return Metrics(
+        runs=Counter("nanogrid_runs", "Finished runs.", ["runtime", "status"]),
+        starts=Counter(
+            "nanogrid_container_starts",
+            "Containers handed to runs: warm (pool) or cold.",
+            ["runtime", "start"],
+        ),
+        retries=Counter(
+            "nanogrid_run_retries", "Extra attempts (fresh container or new limits).", ["runtime"]
+        ),
+        tuned=Counter(
+            "nanogrid_tuner_adjustments", "Runs whose memory limit the auto-tuner set.", ["runtime"]
+        ),
+        queue_wait=Histogram(
+            "nanogrid_queue_wait_seconds",
+            "Submitted to received by a worker.",
+            ["runtime"],
+            buckets=_LATENCY,
+        ),
+        start=Histogram(
+            "nanogrid_container_start_seconds",
+            "Getting a container: unpause from the pool (warm) or create (cold).",
+            ["runtime", "start"],
+            buckets=_LATENCY,
+        ),
+        compile=Histogram(
+            "nanogrid_compile_seconds", "Compile step (cpp).", ["runtime"], buckets=_LATENCY
+        ),
+        run=Histogram(
+            "nanogrid_run_seconds", "The user's program, wall clock.", ["runtime"], buckets=_LATENCY
+        ),
+        total=Histogram(
+            "nanogrid_request_seconds",
+            "Received to result, in the worker.",
+            ["runtime"],
+            buckets=_LATENCY,
+        ),
+        pool=Gauge(
+            "nanogrid_pool_containers",
+            "Pool containers by state: idle (paused, ready), busy (leased), starting (created).",
+            ["runtime", "state"],
+            multiprocess_mode="livesum",
+        ),
+        pool_target=Gauge(
+            "nanogrid_pool_target",
+            "Idle containers the pools aim for.",
+            ["runtime"],
+            multiprocess_mode="livesum",
+        ),
+    )
+
+
+_lock = threading.Lock()
+_instance: Metrics | None = None
+
+
+def _metrics() -> Metrics:
+    global _instance
+    with _lock:
+        if _instance is None:
+            _instance = _create()
+        return _instance
+
+
+def _runtime_label(runtime: Any) -> str:
+    """Known runtimes only: a rejected run's runtime is user input (unbounded label values)."""
+    return runtime if runtime in RUNTIMES else "other"
+
+
+def _seconds(ms: Any) -> float | None:
+    return ms / 1000 if isinstance(ms, int | float) and ms >= 0 else None
+
+
+def observe(result: ExecutionResult) -> None:
+    """Count one final result and record its latencies."""
+    m = _metrics()
+    rt = _runtime_label(result.runtime)
+    m.runs.labels(rt, str(result.status)).inc()
+    start = result.start if result.start in ("warm", "cold") else None
+    if start:
+        m.starts.labels(rt, start).inc()
+    attempts = getattr(result, "attempts", 1) or 1
+    if attempts > 1:
+        m.retries.labels(rt).inc(attempts - 1)
+    if getattr(result, "memory_tuned", False):  # set by the tuner middleware, when on
+        m.tuned.labels(rt).inc()
+    for hist, ms, labels in (
+        (m.queue_wait, result.queue_ms, (rt,)),
+        (m.start, getattr(result, "start_ms", None), (rt, start)),
+        (m.compile, result.compile_ms, (rt,)),
+        (m.run, result.duration_ms, (rt,)),
+        (m.total, result.total_ms, (rt,)),
+    ):
+        seconds = _seconds(ms)
+        if seconds is not None and None not in labels:
+            hist.labels(*labels).observe(seconds)
+
+
+def sample_pool(pool: WarmPool) -> None:
+    """Copy the pool's current state into the gauges of this process."""
+    m = _metrics()
+    for rt, counts in pool.states().items():
+        for state, n in counts.items():
+            m.pool.labels(rt, state).set(n)
+        m.pool_target.labels(rt).set(pool.settings.pool_size(rt))
+
+
+class PoolSampler:
+    """Samples a process's pool every :data:`SAMPLE_INTERVAL_S`: refills land between runs."""
+
+    def __init__(self, pool: WarmPool, interval: float = SAMPLE_INTERVAL_S) -> None:
+        self.pool = pool
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics-pool", daemon=True)
+
+    def start(self) -> PoolSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                sample_pool(self.pool)
+            except Exception:
+                log.debug("pool sample failed", exc_info=True)
+            if self._stop.wait(self.interval):
+                return
+
+
+# -- the worker's main process ---------------------------------------------------------------
+_dir: str | None = None  # the multiprocess directory, in the worker's main process
+_own_dir = False
+_server: Any = None
+
+
+@worker_init.connect
+def _on_worker_init(**_kw: Any) -> None:
+    """Before the pool forks: an empty directory, named in the environment children inherit."""
+    global _dir, _own_dir
+    if get_settings().metrics_port <= 0:
+        return
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:  # named by the operator: must be private to this worker; wiped as the docs say
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    else:
+        path = tempfile.mkdtemp(prefix="nanogrid-metrics-")
+        os.environ[MULTIPROC_ENV] = path
+        _own_dir = True
+    _dir = path
+
+
+def start_server(port: int, host: str) -> bool:
+    """Serve the summed samples of every process on ``host:port``; False if it cannot."""
+    global _server
+    if _dir is None or _server is not None:
+        return _server is not None
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=_dir)
+    try:
+        _server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # metrics are an observer: the worker runs on without them
+        log.error(
+            "metrics endpoint could not start",
+            extra={"fields": {"host": host, "port": port, "error": str(exc)}},
+        )
+        return False
+    log.info(
+        "metrics endpoint serving",
+        extra={"fields": {"url": f"http://{host}:{port}/metrics", "dir": _dir}},
+    )
+    return True
+
+
+@worker_ready.connect
+def _on_worker_ready(**_kw: Any) -> None:
+    settings = get_settings()
+    if settings.metrics_port > 0:
+        start_server(settings.metrics_port, settings.metrics_host)
+
+
+@worker_process_shutdown.connect
+def _on_process_shutdown(pid: int | None = None, **_kw: Any) -> None:
+    """A child leaving: its live gauges (pool) stop counting; its counters stay."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path and get_settings().metrics_port > 0:
+        multiprocess.mark_process_dead(pid or os.getpid(), path)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_kw: Any) -> None:
+    global _server, _dir
+    if _server is not None:
+        _server.shutdown()
+        _server = None
+    if _own_dir and _dir:
+        shutil.rmtree(_dir, ignore_errors=True)
+    _dir = None

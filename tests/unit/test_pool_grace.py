@@ -1,0 +1,123 @@
+"""The pool's pause grace period, with fake containers (no Docker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from nanogrid_celery import pool as pool_module
+from nanogrid_celery.config import Settings
+from nanogrid_celery.pool import WarmPool
+
+
+@dataclass
+class FakeContainer:
+    calls: list[str] = field(default_factory=list)
+    pause_delay: float = 0.0
+
+    def pause(self) -> None:
+        time.sleep(self.pause_delay)
+        self.calls.append("pause")
+
+    def unpause(self) -> None:
+        self.calls.append("unpause")
+
+
+@dataclass
+class FakeLease:
+    runtime: str
+    container: FakeContainer = field(default_factory=FakeContainer)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    start: str = "warm"
+    uses: int = 0
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@pytest.fixture
+def make_pool(monkeypatch):
+    created: list[FakeLease] = []
+    destroyed: list[FakeLease] = []
+
+    def create(settings, client, runtime, role="pool"):
+        lease = FakeLease(runtime)
+        created.append(lease)
+        return lease
+
+    monkeypatch.setattr(pool_module, "create_container", create)
+    monkeypatch.setattr(pool_module, "destroy", destroyed.append)
+    monkeypatch.setattr(pool_module, "reap_orphans", lambda settings, client: 0)
+    pools: list[WarmPool] = []
+
+    def make(grace_ms: int) -> WarmPool:
+        settings = Settings(pool_python=1, pool_cpp=0, pause_grace_ms=grace_ms)
+        pool = WarmPool(settings, client=None)
+        pool.start()
+        assert pool.wait_ready(5)
+        pool.created, pool.destroyed = created, destroyed
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.shutdown()
+
+
+def test_release_within_grace_skips_pause_and_unpause(make_pool):
+    pool = make_pool(grace_ms=5000)
+    lease = pool.acquire("python")
+    assert lease.container.calls == ["pause", "unpause"]  # filled paused, then unpaused
+    pool.release(lease)
+    again = pool.acquire("python")
+    assert again is lease and again.start == "warm"
+    assert lease.container.calls == ["pause", "unpause"], "no Docker call for a hot container"
+    pool.release(again)
+
+
+def test_idle_container_is_paused_after_the_grace(make_pool):
+    pool = make_pool(grace_ms=50)
+    lease = pool.acquire("python")
+    pool.release(lease)
+    deadline = time.monotonic() + 5
+    while lease.container.calls.count("pause") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lease.container.calls == ["pause", "unpause", "pause"]
+    assert pool.sizes()["python"] == 1
+    assert pool.acquire("python") is lease
+    assert lease.container.calls[-1] == "unpause"
+
+
+def test_acquire_waits_for_an_in_flight_pause_instead_of_creating(make_pool):
+    pool = make_pool(grace_ms=20)
+    lease = pool.acquire("python")
+    lease.container.pause_delay = 0.3
+    pool.release(lease)
+    time.sleep(0.1)  # the pauser has taken it out of the idle queue and is pausing it
+    got = pool.acquire("python")
+    assert got is lease and len(pool.created) == 1
+    assert lease.container.calls[-2:] == ["pause", "unpause"]
+
+
+def test_zero_grace_pauses_on_release(make_pool):
+    pool = make_pool(grace_ms=0)
+    lease = pool.acquire("python")
+    pool.release(lease)
+    assert lease.container.calls == ["pause", "unpause", "pause"]
+
+
+def test_shutdown_destroys_containers_being_paused(make_pool):
+    pool = make_pool(grace_ms=10)
+    lease = pool.acquire("python")
+    lease.container.pause_delay = 0.3
+    pool.release(lease)
+    time.sleep(0.1)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pool.shutdown(), done.set())).start()
+    assert done.wait(10)
+    assert lease in pool.destroyed
