@@ -50,6 +50,10 @@ if ! have dockerd || ! have docker; then missing_pkgs+=(docker.io); fi
 have redis-server || missing_pkgs+=(redis-server)
 have mmdebstrap || missing_pkgs+=(mmdebstrap)
 have chromium || missing_pkgs+=(chromium) # headless browser check of Flower (tests/integration)
+# validates docker-compose.yml in tests/unit/test_compose.py
+if ! have docker-compose && ! docker compose version >/dev/null 2>&1; then
+    missing_pkgs+=(docker-compose)
+fi
 
 PYTHON="$(find_python || true)"
 if [[ -z "$PYTHON" ]]; then
