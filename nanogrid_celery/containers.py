@@ -228,12 +228,7 @@ def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
     for container in client.containers.list(all=True, filters=filters):
         if _owner_alive(container.labels):
             continue
-        host_dir = _mounted_dir(container)
-        with contextlib.suppress(NotFound, APIError):
-            container.remove(force=True)
-            removed += 1
-        if host_dir:
-            _remove_lease_dirs(host_dir)
+        removed += _remove_with_dirs(container)
     if removed:
         log.info("reaped orphan containers", extra={"fields": {"count": removed}})
     return removed
@@ -251,10 +246,17 @@ def remove_all(client: docker.DockerClient, instance: str | None = None) -> int:
     labels = [f"{LABEL}=1"] + ([f"{LABEL}.instance={instance}"] if instance else [])
     removed = 0
     for container in client.containers.list(all=True, filters={"label": labels}):
-        host_dir = _mounted_dir(container)
-        with contextlib.suppress(NotFound, APIError):
-            container.remove(force=True)
-            removed += 1
-        if host_dir:
-            _remove_lease_dirs(host_dir)
+        removed += _remove_with_dirs(container)
+    return removed
+
+
+def _remove_with_dirs(container: Container) -> int:
+    """Force-remove a container and its lease directories; 1 if it was removed here."""
+    host_dir = _mounted_dir(container)
+    removed = 0
+    with contextlib.suppress(NotFound, APIError):
+        container.remove(force=True)
+        removed = 1
+    if host_dir:
+        _remove_lease_dirs(host_dir)
     return removed

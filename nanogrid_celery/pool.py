@@ -129,14 +129,7 @@ class WarmPool:
             if lease is None:
                 break
             if awake:  # released within the grace period: still running, no unpause
-                lease.start = "warm"
-                self._mark_busy(lease)
-                self._top_up(runtime)
-                log.info(
-                    "acquired running container",
-                    extra=_fields(container=lease.short_id, runtime=runtime, start="warm"),
-                )
-                return lease
+                return self._hand_out(lease, "warm", "acquired running container")
             try:
                 lease.container.unpause()
             except (APIError, NotFound) as exc:
@@ -146,21 +139,18 @@ class WarmPool:
                 )
                 self._replace(lease)
                 continue
-            lease.start = "warm"
-            self._mark_busy(lease)
-            self._top_up(runtime)
-            log.info(
-                "acquired and unpaused container",
-                extra=_fields(container=lease.short_id, runtime=runtime, start="warm"),
-            )
-            return lease
+            return self._hand_out(lease, "warm", "acquired and unpaused container")
         lease = create_container(self.settings, self.client, runtime)
-        lease.start = "cold"
+        return self._hand_out(lease, "cold", "pool empty; created container")
+
+    def _hand_out(self, lease: Lease, start: str, message: str) -> Lease:
+        """Mark a lease busy, refill behind it, and log how it was obtained."""
+        lease.start = start
         self._mark_busy(lease)
-        self._top_up(runtime)
+        self._top_up(lease.runtime)
         log.info(
-            "pool empty; created container",
-            extra=_fields(container=lease.short_id, runtime=runtime, start="cold"),
+            message,
+            extra=_fields(container=lease.short_id, runtime=lease.runtime, start=start),
         )
         return lease
 
