@@ -250,6 +250,20 @@ def remove_all(client: docker.DockerClient, instance: str | None = None) -> int:
     return removed
 
 
+def remove_owned(settings: Settings, client: docker.DockerClient) -> int:
+    """Remove every container labelled as this process's own, tracked by the pool or not.
+
+    A removal that failed while the Docker daemon was down (a restart) leaves a
+    container the pool no longer tracks; this label sweep at shutdown finds it.
+    """
+    labels = owner_labels(settings)
+    filters = {"label": [f"{k}={v}" for k, v in labels.items() if v]}
+    removed = 0
+    for container in client.containers.list(all=True, filters=filters):
+        removed += _remove_with_dirs(container)
+    return removed
+
+
 def _remove_with_dirs(container: Container) -> int:
     """Force-remove a container and its lease directories; 1 if it was removed here."""
     host_dir = _mounted_dir(container)

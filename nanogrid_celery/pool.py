@@ -22,7 +22,7 @@ import docker
 from docker.errors import APIError, NotFound
 
 from .config import Settings
-from .containers import Lease, create_container, destroy, reap_orphans
+from .containers import Lease, create_container, destroy, reap_orphans, remove_owned
 from .runtimes import RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,13 @@ class WarmPool:
         self._bg.shutdown(wait=True, cancel_futures=True)
         with ThreadPoolExecutor(max_workers=4) as ex:
             list(ex.map(destroy, leases))
-        log.info("warm pool shut down", extra=_fields(removed=len(leases)))
-        return len(leases)
+        try:  # anything whose removal failed earlier (daemon restart) still carries our labels
+            strays = remove_owned(self.settings, self.client)
+        except Exception as exc:  # best effort: shutdown must finish whatever the daemon does
+            log.warning("could not sweep this process's containers: %s", exc)
+            strays = 0
+        log.info("warm pool shut down", extra=_fields(removed=len(leases), strays=strays))
+        return len(leases) + strays
 
     # -- leasing ---------------------------------------------------------------
     def acquire(self, runtime: str) -> Lease:

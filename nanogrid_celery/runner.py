@@ -30,6 +30,7 @@ from .storage import content_hash, fetch_submission
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+DOCKER_WAIT_S = 30.0  # a dockerd restart takes ~3 s here; the retry waits this long at most
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Runner:
                 log.warning("attempt %d failed: %s", ctx.attempt, exc)
                 if failures == 2:
                     raise InternalError(f"execution failed twice: {exc}") from exc
+                self._wait_for_docker()
                 ctx.attempt += 1
                 continue
             retry = None
@@ -186,6 +188,19 @@ class Runner:
             log.info("retrying with new limits", extra={"fields": retry.as_dict()})
             ctx.limits = retry
             ctx.attempt += 1
+
+    def _wait_for_docker(self, timeout: float = DOCKER_WAIT_S) -> None:
+        """Before the retry: a daemon that is restarting gets a few seconds to come back."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client.ping()
+                return
+            except (DockerException, OSError) as exc:  # requests' ConnectionError is an OSError
+                if time.monotonic() > deadline:
+                    log.warning("docker still unreachable after %.0f s: %s", timeout, exc)
+                    return
+            time.sleep(0.25)
 
     def _run_once(self, runtime, plan, files, stdin, limits, result) -> Outcome:
         t_lease = time.perf_counter()
