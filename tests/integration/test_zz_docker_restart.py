@@ -18,7 +18,7 @@ import pytest
 from nanogrid_celery import client
 from nanogrid_celery.result import Status
 
-from .harness import LOG_DIR, WorkerProcess
+from .harness import LOG_DIR, REPO, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,16 @@ def _restart_dockerd() -> float:
     while Path(f"/proc/{pid}").exists():
         time.sleep(0.1)
     with (LOG_DIR / "dockerd-restart.log").open("ab") as log:
-        subprocess.Popen(
+        new = subprocess.Popen(
             [a.decode() for a in argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    pid_file = REPO / ".run" / "dockerd.pid"  # scripts/services.sh stops what it recorded
+    if pid_file.exists() and pid_file.read_text().strip() == str(pid):
+        pid_file.write_text(f"{new.pid}\n")
     deadline = time.monotonic() + 60
     while subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         if time.monotonic() > deadline:
