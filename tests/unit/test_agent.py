@@ -21,19 +21,12 @@ import pytest
 
 from nanogrid_celery.agent_sandbox import agent_call, agent_notify
 from nanogrid_celery.guest import agent as agent_module
+from nanogrid_celery.sandbox import ENV
 
 AGENT = Path(agent_module.__file__)
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 ROOT = os.getuid() == 0
 UID = 65534 if ROOT else None
-ENV = {
-    "HOME": "/tmp",
-    "TMPDIR": "/tmp",
-    "LANG": "C.UTF-8",
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 
 
 def _world_readable_dir() -> Path:

@@ -4,25 +4,11 @@ import io
 import stat
 import zipfile
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from nanogrid_celery import storage
 from nanogrid_celery.config import Limits, Settings
 from nanogrid_celery.result import InternalError, RunRejected
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    storage._client.cache_clear()
-    with mock_aws():
-        settings = Settings(s3_endpoint_url="", s3_bucket="code")
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="code")
-        yield settings
-    storage._client.cache_clear()
 
 
 def zipped(entries) -> bytes:
