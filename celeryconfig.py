@@ -16,7 +16,7 @@ broker_url = _s.broker_url
 # kombu's SQS transport, but polling survives an SQS outage (see the module). Only for an SQS
 # broker: `celery --broker=redis://... flower` (which sets CELERY_BROKER_URL) must stay on Redis.
 broker_transport = (
-    "nanogrid_celery.sqs_transport:Transport"
+    "nanogrid_celery.delivery.sqs_transport:Transport"
     if os.environ.get("CELERY_BROKER_URL", broker_url).startswith("sqs://")
     else None
 )
@@ -40,11 +40,11 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # issue 7: visibility heartbeat + startup check, dead-letter queue for poison messages
-imports = ("nanogrid_celery.visibility", "nanogrid_celery.deadletter")
+imports = ("nanogrid_celery.delivery.visibility", "nanogrid_celery.delivery.deadletter")
 # issue 6 (docs/monitoring.md): the metrics module must be imported by the main process
-imports += ("nanogrid_celery.monitoring.metrics",)
+imports += ("nanogrid_celery.monitoring.prometheus",)
 # WorkerConsumer = the dead-letter consumer + events/remote control over Redis (no SQS fanout)
-worker_consumer = "nanogrid_celery.consumer:WorkerConsumer"
+worker_consumer = "nanogrid_celery.service.consumer:WorkerConsumer"
 worker_send_task_events = bool(_s.events_broker_url)
 # Celery would send task-sent on the task's SQS producer, where it is dropped; the client's
 # task-sent events go to Redis through monitoring.sent_events (imported above) instead.

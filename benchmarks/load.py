@@ -133,7 +133,7 @@ def audit(
     import redis
 
     from nanogrid_celery.config import get_settings
-    from nanogrid_celery.idempotency import STARTS
+    from nanogrid_celery.delivery.idempotency import STARTS
 
     report.results = len(found)
     report.missing = len(ids) - len(found)

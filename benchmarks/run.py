@@ -87,7 +87,7 @@ class Submitter:
         return (time.perf_counter() - t0) * 1000, result
 
     def _cached_key(self, scenario: Scenario) -> tuple[str, str]:
-        from nanogrid_celery.storage import content_addressed_key, upload
+        from nanogrid_celery.execution.storage import content_addressed_key, upload
 
         ident = (scenario.runtime, tuple(sorted(scenario.files.items())))
         if ident not in self._cached_keys:

@@ -1,5 +1,6 @@
 """NanoGrid: run untrusted Python and C++ from SQS in warm, isolated Docker sandboxes."""
 
-from .app import app
+from nanogrid_celery.app import app
+from nanogrid_celery.result import ExecutionResult, Status
 
-__all__ = ["app"]
+__all__ = ["ExecutionResult", "Status", "app"]

@@ -4,5 +4,5 @@ from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("nanogrid", include=["nanogrid_celery.tasks", "nanogrid_celery.worker"])
+app = Celery("nanogrid", include=["nanogrid_celery.tasks", "nanogrid_celery.service.worker"])
 app.config_from_object("celeryconfig")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .app import app
-from .idempotency import run_once
-from .logs import request_context
-from .runner import RunRequest
-from .worker import get_runner
+from nanogrid_celery.app import app
+from nanogrid_celery.common.logs import request_context
+from nanogrid_celery.delivery.idempotency import run_once
+from nanogrid_celery.execution.runner import RunRequest
+from nanogrid_celery.service.worker import get_runner
 
 
 @app.task(name="nanogrid.run_code", bind=True, acks_late=True, reject_on_worker_lost=True)

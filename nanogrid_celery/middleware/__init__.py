@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..result import ExecutionResult
-    from ..runner import Runner, RunRequest
-    from ..sandbox import Outcome, RunLimits
+    from nanogrid_celery.config import Settings
+    from nanogrid_celery.execution.runner import Runner, RunRequest
+    from nanogrid_celery.result import ExecutionResult
+    from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits
 
 
 @dataclass
@@ -53,15 +53,15 @@ def default_middleware(settings: Settings) -> list[Middleware]:
     """The middleware a worker runs with; each module adds itself here."""
     active: list[Middleware] = []
     if settings.tuner_enabled:
-        from .tuner import TunerMiddleware
+        from nanogrid_celery.middleware.tuner import TunerMiddleware
 
         active.append(TunerMiddleware(settings))
     if settings.events_enabled:  # after the tuner: events carry its fields
-        from .events import EventsMiddleware
+        from nanogrid_celery.middleware.result_stream import ResultStreamMiddleware
 
-        active.append(EventsMiddleware(settings))
+        active.append(ResultStreamMiddleware(settings))
     if settings.metrics_port > 0:  # last: counts the final result, tuner fields included
-        from .metrics import MetricsMiddleware
+        from nanogrid_celery.middleware.metrics import MetricsMiddleware
 
         active.append(MetricsMiddleware(settings))
     return active

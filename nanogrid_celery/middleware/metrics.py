@@ -1,6 +1,6 @@
 """Prometheus metrics for every run and the pool (on when ``NANOGRID_METRICS_PORT`` > 0).
 
-The metric definitions and the endpoint live in :mod:`nanogrid_celery.monitoring.metrics`;
+The metric definitions and the endpoint live in :mod:`nanogrid_celery.monitoring.prometheus`;
 this middleware only feeds them: each final result in ``after_run``, and the pool's
 state from a sampler thread started in ``on_start``.
 """
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..monitoring import metrics
-from . import Middleware, RunContext
+from nanogrid_celery.middleware import Middleware, RunContext
+from nanogrid_celery.monitoring import metrics
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..result import ExecutionResult
-    from ..runner import Runner
+    from nanogrid_celery.config import Settings
+    from nanogrid_celery.execution.runner import Runner
+    from nanogrid_celery.result import ExecutionResult
 
 
 class MetricsMiddleware(Middleware):

@@ -17,15 +17,22 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from ..redis_conn import get_redis
-from ..result import Status
-from ..tuner import MB, RunRecord, TunerPolicy, TunerStore, recommend, retry_limit
-from . import Middleware, RunContext
+from nanogrid_celery.common.redis import get_redis
+from nanogrid_celery.middleware import Middleware, RunContext
+from nanogrid_celery.middleware.tuning import (
+    MB,
+    RunRecord,
+    TunerPolicy,
+    TunerStore,
+    recommend,
+    retry_limit,
+)
+from nanogrid_celery.result import Status
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..result import ExecutionResult
-    from ..sandbox import Outcome, RunLimits
+    from nanogrid_celery.config import Settings
+    from nanogrid_celery.result import ExecutionResult
+    from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from ..config import get_settings
+from nanogrid_celery.config import get_settings
 
 
 def monitoring_app() -> Celery:

@@ -23,8 +23,8 @@ from celery import current_app
 from celery.events import EventDispatcher
 from celery.signals import after_task_publish
 
-from ..config import get_settings
-from .connection import monitoring_connection
+from nanogrid_celery.config import get_settings
+from nanogrid_celery.monitoring.connection import monitoring_connection
 
 log = logging.getLogger(__name__)
 BACKOFF_S = 30.0

@@ -26,9 +26,9 @@ from celery import Celery
 
 from nanogrid_celery.client import _package
 from nanogrid_celery.config import Settings, get_settings
-from nanogrid_celery.idempotency import CLAIM, STARTS
+from nanogrid_celery.delivery.idempotency import CLAIM, STARTS
+from nanogrid_celery.execution.storage import ensure_bucket, upload
 from nanogrid_celery.result import ExecutionResult
-from nanogrid_celery.storage import ensure_bucket, upload
 
 from .harness import LOG_DIR, WorkerProcess
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from nanogrid_celery.config import get_settings
-from nanogrid_celery.idempotency import CLAIM, ClaimStore, owner_id
+from nanogrid_celery.delivery.idempotency import CLAIM, ClaimStore, owner_id
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from nanogrid_celery.config import get_settings
-from nanogrid_celery.deadletter import ensure_dead_letter_queue
+from nanogrid_celery.delivery.deadletter import ensure_dead_letter_queue
 from nanogrid_celery.result import Status
 
 from .faults import (

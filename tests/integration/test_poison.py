@@ -12,9 +12,9 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.config import get_settings
-from nanogrid_celery.deadletter import dlq_name
+from nanogrid_celery.delivery.deadletter import dlq_name
+from nanogrid_celery.delivery.sqs import queue_url, sqs_client
 from nanogrid_celery.result import Status
-from nanogrid_celery.sqs import queue_url, sqs_client
 
 from .faults import claim_holder, started, starts, wait_for
 from .harness import WorkerProcess

@@ -19,8 +19,8 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.config import get_settings
+from nanogrid_celery.execution.storage import upload
 from nanogrid_celery.result import Status
-from nanogrid_celery.storage import upload
 
 pytestmark = pytest.mark.integration
 

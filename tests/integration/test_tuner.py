@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.middleware.tuning import MB, TunerPolicy, recommend
 from nanogrid_celery.result import ExecutionResult, Status
-from nanogrid_celery.tuner import MB, TunerPolicy, recommend
 
 from .harness import REPO, WorkerProcess
 

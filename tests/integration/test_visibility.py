@@ -10,9 +10,9 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.config import get_settings
+from nanogrid_celery.delivery.sqs import sqs_client
+from nanogrid_celery.delivery.visibility import extend
 from nanogrid_celery.result import Status
-from nanogrid_celery.sqs import sqs_client
-from nanogrid_celery.visibility import extend
 
 from .faults import started, starts
 from .harness import WorkerProcess

@@ -4,8 +4,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from nanogrid_celery import storage
 from nanogrid_celery.config import Settings
+from nanogrid_celery.execution import storage
 
 
 @pytest.fixture

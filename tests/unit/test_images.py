@@ -16,8 +16,8 @@ import docker.errors
 import pytest
 from rich.console import Console
 
-from nanogrid_celery import images
 from nanogrid_celery.config import Settings
+from nanogrid_celery.sandbox import images
 
 FAKE_MMDEBSTRAP = """#!/bin/sh
 printf '%s\\n' "$@" > "$FAKE_DIR/mm.argv"

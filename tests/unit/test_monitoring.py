@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import REGISTRY
 
-from nanogrid_celery import logs
-from nanogrid_celery.consumer import WorkerConsumer
-from nanogrid_celery.deadletter import DeadLetterConsumer
-from nanogrid_celery.monitoring import events_consumer, metrics
+from nanogrid_celery.common import logs
+from nanogrid_celery.delivery.deadletter import DeadLetterConsumer
+from nanogrid_celery.monitoring import prometheus as metrics
+from nanogrid_celery.monitoring import redis_events as events_consumer
 from nanogrid_celery.monitoring.app import monitoring_app
 from nanogrid_celery.monitoring.sent_events import sent_event_fields
 from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.service.consumer import WorkerConsumer
 
 
 def sample(name: str, **labels: str) -> float:

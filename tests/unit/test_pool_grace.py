@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nanogrid_celery import pool as pool_module
+from nanogrid_celery.sandbox import pool as pool_module
 from nanogrid_celery.config import Settings
-from nanogrid_celery.pool import WarmPool
+from nanogrid_celery.sandbox.pool import WarmPool
 
 
 @dataclass

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 
 from nanogrid_celery.config import Limits, Settings
-from nanogrid_celery.deadletter import dlq_name
-from nanogrid_celery.idempotency import owner_alive, owner_id
-from nanogrid_celery.sqs import broker_endpoint
-from nanogrid_celery.visibility import (
+from nanogrid_celery.delivery.deadletter import dlq_name
+from nanogrid_celery.delivery.idempotency import owner_alive, owner_id
+from nanogrid_celery.delivery.sqs import broker_endpoint
+from nanogrid_celery.delivery.visibility import (
     VisibilityTooShort,
     check_visibility_timeout,
     heartbeat_interval,

@@ -1,7 +1,7 @@
 import json
 
-from nanogrid_celery.output import CappedBuffer, decode
 from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.sandbox.output import CappedBuffer, decode
 
 
 def test_round_trip_through_json():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nanogrid_celery import storage
 from nanogrid_celery.config import Settings
+from nanogrid_celery.execution import storage
 from nanogrid_celery.result import RunRejected
 
 

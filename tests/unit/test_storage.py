@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from nanogrid_celery import storage
 from nanogrid_celery.config import Limits, Settings
+from nanogrid_celery.execution import storage
 from nanogrid_celery.result import InternalError, RunRejected
 
 

@@ -15,14 +15,17 @@ import pytest
 import redis
 
 from nanogrid_celery.config import Limits, Settings
-from nanogrid_celery.events import ResultPublisher, event_payload, parse_entry, stream_fields
+from nanogrid_celery.execution.runner import RunRequest
 from nanogrid_celery.middleware import RunContext, default_middleware
-from nanogrid_celery.middleware.events import EventsMiddleware
+from nanogrid_celery.middleware.result_stream import (
+    ResultPublisher,
+    ResultStreamMiddleware,
+    event_payload,
+    parse_entry,
+    stream_fields,
+)
 from nanogrid_celery.middleware.tuner import TunerMiddleware
-from nanogrid_celery.result import ExecutionResult, Status
-from nanogrid_celery.runner import RunRequest
-from nanogrid_celery.sandbox import Outcome, RunLimits
-from nanogrid_celery.tuner import (
+from nanogrid_celery.middleware.tuning import (
     MB,
     RunRecord,
     TunerPolicy,
@@ -35,6 +38,8 @@ from nanogrid_celery.tuner import (
     round_up,
     stats_for,
 )
+from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 POLICY = TunerPolicy(
@@ -331,14 +336,14 @@ def test_publisher_writes_stream_and_channel(rdb):
 
 def test_publisher_never_raises_when_redis_is_down():
     s = Settings(redis_url="redis://127.0.0.1:1/0")
-    mw = EventsMiddleware(s)
+    mw = ResultStreamMiddleware(s)
     mw.after_run(None, ExecutionResult("req-x", "python", Status.SUCCESS))
     assert mw.publisher.publish(ExecutionResult("req-x", "python", Status.SUCCESS)) is None
 
 
 def test_default_middleware_order_and_switches():
     names = [type(m).__name__ for m in default_middleware(Settings())]
-    assert names.index("TunerMiddleware") < names.index("EventsMiddleware")
+    assert names.index("TunerMiddleware") < names.index("ResultStreamMiddleware")
     off = Settings(tuner_enabled=False, events_enabled=False)
     off_names = {type(m).__name__ for m in default_middleware(off)}
-    assert not off_names & {"TunerMiddleware", "EventsMiddleware"}
+    assert not off_names & {"TunerMiddleware", "ResultStreamMiddleware"}

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from .config import Settings
+from nanogrid_celery.config import Settings
 
 MB = 1024 * 1024
 MAX_NAME = 200

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from .config import get_settings
+from nanogrid_celery.config import get_settings
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import client
+    from nanogrid_celery import client
 
     stdin = Path(args.stdin).read_text() if args.stdin else None
     result = client.run(
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_images_build(args: argparse.Namespace) -> int:
-    from .images import ImageBuildError, build_images
+    from nanogrid_celery.sandbox.images import ImageBuildError, build_images
 
     try:
         build_images(get_settings(), force=args.force, runtimes=args.runtime or None)
@@ -55,7 +55,7 @@ def _cmd_images_build(args: argparse.Namespace) -> int:
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     import docker
 
-    from .containers import remove_all
+    from nanogrid_celery.sandbox.containers import remove_all
 
     removed = remove_all(docker.from_env(), None if args.all_instances else get_settings().instance)
     print(f"removed {removed} container(s)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--all-instances", action="store_true")
     cleanup.set_defaults(func=_cmd_cleanup)
 
-    from .cli_tune import add_commands  # watch, tune show|reset
+    from nanogrid_celery.cli.tune import add_commands  # watch, tune show|reset
 
     add_commands(sub)
     return parser

@@ -40,8 +40,8 @@ from celery.worker.pidbox import Pidbox
 from kombu.pidbox import Mailbox
 from kombu.utils.encoding import safe_str
 
-from ..config import get_settings
-from .connection import monitoring_connection
+from nanogrid_celery.config import get_settings
+from nanogrid_celery.monitoring.connection import monitoring_connection
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RedisEventsMixin:
     """Consumer mixin: events and remote control on ``events_broker_url``.
 
     A mixin so it composes with other Consumer subclasses (the worker's class is
-    :class:`nanogrid_celery.consumer.WorkerConsumer`); put it first in the bases.
+    :class:`nanogrid_celery.service.consumer.WorkerConsumer`); put it first in the bases.
     """
 
     class Blueprint(Consumer.Blueprint):

@@ -10,7 +10,7 @@ names another):
   raw SQS body to the DLQ at once and acks it (Celery would drop or reject it).
 * **A request that keeps killing its worker**: the idempotency gate counts
   starts per request id and dead-letters it with an ``internal_error`` result,
-  so the client gets an answer (see :mod:`nanogrid_celery.idempotency`).
+  so the client gets an answer (see :mod:`nanogrid_celery.delivery.idempotency`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery.signals import worker_init
 from celery.worker.consumer import Consumer
 
-from .config import Settings, get_settings
-from .sqs import queue_url, sqs_client
+from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.delivery.sqs import queue_url, sqs_client
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .config import Limits, Settings
-from .result import InternalError, RunRejected
-from .runtimes import main_file_name
+from nanogrid_celery.config import Limits, Settings
+from nanogrid_celery.execution.runtimes import main_file_name
+from nanogrid_celery.result import InternalError, RunRejected
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from .app import app
-from .config import Settings, get_settings
-from .result import ExecutionResult
-from .storage import content_addressed_key, ensure_bucket, upload
+from nanogrid_celery.app import app
+from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.execution.storage import content_addressed_key, ensure_bucket, upload
+from nanogrid_celery.result import ExecutionResult
 
 Submission = str | Path | Mapping[str, bytes | str]
 

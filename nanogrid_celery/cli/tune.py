@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from .config import get_settings
+from nanogrid_celery.config import get_settings
 
 MB = 1024 * 1024
 
@@ -43,8 +43,8 @@ def format_event(ev: dict[str, Any]) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .events import parse_entry, tail
-    from .redis_conn import get_redis
+    from nanogrid_celery.common.redis import get_redis
+    from nanogrid_celery.middleware.result_stream import parse_entry, tail
 
     settings = get_settings()
     client = get_redis(settings.redis_url)
@@ -77,8 +77,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 # -- tune ------------------------------------------------------------------------
 def _tuner():
-    from .redis_conn import get_redis
-    from .tuner import TunerPolicy, TunerStore
+    from nanogrid_celery.common.redis import get_redis
+    from nanogrid_celery.middleware.tuning import TunerPolicy, TunerStore
 
     settings = get_settings()
     store = TunerStore.from_settings(settings, get_redis(settings.redis_url))
@@ -89,7 +89,7 @@ def cmd_tune_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .tuner import stats_for
+    from nanogrid_celery.middleware.tuning import stats_for
 
     store, policy = _tuner()
     names = [args.function] if args.function else store.functions(args.limit)

@@ -45,12 +45,12 @@ from prometheus_client import (
     values,
 )
 
-from ..config import get_settings
-from ..runtimes import RUNTIMES
+from nanogrid_celery.config import get_settings
+from nanogrid_celery.execution.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
-    from ..pool import WarmPool
-    from ..result import ExecutionResult
+    from nanogrid_celery.result import ExecutionResult
+    from nanogrid_celery.sandbox.pool import WarmPool
 
 log = logging.getLogger(__name__)
 

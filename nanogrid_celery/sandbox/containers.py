@@ -27,8 +27,8 @@ import docker
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
-from .cgroups import ContainerCgroup
-from .config import Settings
+from nanogrid_celery.config import Settings
+from nanogrid_celery.sandbox.cgroups import ContainerCgroup
 
 log = logging.getLogger(__name__)
 

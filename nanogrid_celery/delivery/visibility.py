@@ -22,8 +22,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from celery.signals import task_received, worker_init, worker_ready, worker_shutdown
 
-from .config import Settings, get_settings
-from .sqs import sqs_client
+from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.delivery.sqs import sqs_client
 
 log = logging.getLogger(__name__)
 

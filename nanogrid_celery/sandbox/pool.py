@@ -21,9 +21,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import docker
 from docker.errors import APIError, NotFound
 
-from .config import Settings
-from .containers import Lease, create_container, destroy, reap_orphans, remove_owned
-from .runtimes import RUNTIMES
+from nanogrid_celery.config import Settings
+from nanogrid_celery.execution.runtimes import RUNTIMES
+from nanogrid_celery.sandbox.containers import (
+    Lease,
+    create_container,
+    destroy,
+    reap_orphans,
+    remove_owned,
+)
 
 log = logging.getLogger(__name__)
 

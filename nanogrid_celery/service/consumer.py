@@ -1,15 +1,15 @@
 """The worker's Consumer class (``worker_consumer``): Celery's, plus each concern's mixin.
 
-* :class:`~nanogrid_celery.monitoring.events_consumer.RedisEventsMixin` - events and
+* :class:`~nanogrid_celery.monitoring.redis_events.RedisEventsMixin` - events and
   remote control over Redis, since SQS has no fanout (docs/monitoring.md);
-* :class:`~nanogrid_celery.deadletter.DeadLetterConsumer` - messages that cannot run
+* :class:`~nanogrid_celery.delivery.deadletter.DeadLetterConsumer` - messages that cannot run
   go to the dead-letter queue.
 """
 
 from __future__ import annotations
 
-from .deadletter import DeadLetterConsumer
-from .monitoring.events_consumer import RedisEventsMixin
+from nanogrid_celery.delivery.deadletter import DeadLetterConsumer
+from nanogrid_celery.monitoring.redis_events import RedisEventsMixin
 
 
 class WorkerConsumer(RedisEventsMixin, DeadLetterConsumer):

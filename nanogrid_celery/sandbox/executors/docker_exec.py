@@ -23,11 +23,11 @@ from pathlib import Path
 import docker
 from docker.errors import APIError, NotFound
 
-from .config import Settings
-from .containers import CODE_DIR, STDIN_PATH, Lease
-from .output import CappedBuffer
-from .result import InternalError, Status
-from .runtimes import Plan
+from nanogrid_celery.config import Settings
+from nanogrid_celery.execution.runtimes import Plan
+from nanogrid_celery.result import InternalError, Status
+from nanogrid_celery.sandbox.containers import CODE_DIR, STDIN_PATH, Lease
+from nanogrid_celery.sandbox.output import CappedBuffer
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,18 @@ from pathlib import Path
 
 import docker
 
-from .config import Settings
-from .containers import CODE_DIR, STDIN_PATH, Lease, agent_socket
-from .output import CappedBuffer
-from .result import InternalError
-from .runtimes import Plan
-from .sandbox import ENV, ExecSandbox, Outcome, RunLimits, _Exec
+from nanogrid_celery.config import Settings
+from nanogrid_celery.execution.runtimes import Plan
+from nanogrid_celery.result import InternalError
+from nanogrid_celery.sandbox.containers import CODE_DIR, STDIN_PATH, Lease, agent_socket
+from nanogrid_celery.sandbox.executors.docker_exec import (
+    ENV,
+    ExecSandbox,
+    Outcome,
+    RunLimits,
+    _Exec,
+)
+from nanogrid_celery.sandbox.output import CappedBuffer
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from celery.exceptions import Ignore, Reject
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .config import Settings, get_settings
-from .containers import process_start_time
-from .result import ExecutionResult, Status
+from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.sandbox.containers import process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,9 @@ def _defer(task: Any, request_id: str, holder: str) -> None:
 
 def _dead_letter(task: Any, claim: Claim, runtime: str) -> dict[str, Any]:
     """Poison: it started ``max_starts`` times and never finished. Answer, and park it."""
-    from .deadletter import send_to_dlq  # the DLQ is only needed on this rare path
+    from nanogrid_celery.delivery.deadletter import (
+        send_to_dlq,  # the DLQ is only needed on this rare path
+    )
 
     settings = get_settings()
     reason = (

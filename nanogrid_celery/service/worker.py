@@ -19,9 +19,9 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from .config import get_settings
-from .logs import configure
-from .runner import Runner
+from nanogrid_celery.common.logs import configure
+from nanogrid_celery.config import get_settings
+from nanogrid_celery.execution.runner import Runner
 
 log = logging.getLogger(__name__)
 _runner: Runner | None = None

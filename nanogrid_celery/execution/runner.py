@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import docker
 from docker.errors import DockerException
 
-from .agent_sandbox import make_sandbox
-from .config import Settings
-from .containers import Lease, create_container, destroy, reap_orphans
-from .middleware import Middleware, RunContext, default_middleware
-from .output import decode
-from .pool import WarmPool
-from .result import ExecutionResult, InternalError, RunRejected, Status
-from .runtimes import plan_for, resolve_runtime
-from .sandbox import Outcome, RunLimits, SandboxDirty
-from .storage import content_hash, fetch_submission
+from nanogrid_celery.config import Settings
+from nanogrid_celery.execution.runtimes import plan_for, resolve_runtime
+from nanogrid_celery.execution.storage import content_hash, fetch_submission
+from nanogrid_celery.middleware import Middleware, RunContext, default_middleware
+from nanogrid_celery.result import ExecutionResult, InternalError, RunRejected, Status
+from nanogrid_celery.sandbox.containers import Lease, create_container, destroy, reap_orphans
+from nanogrid_celery.sandbox.executors.agent import make_sandbox
+from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits, SandboxDirty
+from nanogrid_celery.sandbox.output import decode
+from nanogrid_celery.sandbox.pool import WarmPool
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import boto3
 from botocore.config import Config
 
-from .config import Settings
+from nanogrid_celery.config import Settings
 
 _local = threading.local()
 _create_lock = threading.Lock()

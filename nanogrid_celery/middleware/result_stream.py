@@ -5,7 +5,9 @@ Two ways to consume, one message format (see docs/events.md): a Stream
 pub/sub channel for live listeners. Outputs are cut to
 ``events_output_max_chars`` so the bounded stream stays small; the full result
 is still in the Celery result backend. Publishing is best effort: a Redis
-outage is logged and the run goes on.
+outage is logged and the run goes on. :class:`ResultStreamMiddleware` publishes
+every final result (rejected and internal errors too); it is registered after
+the tuner so the published result carries the tuner's fields.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from .config import Settings
-from .redis_conn import get_redis
-from .result import ExecutionResult
+from nanogrid_celery.common.redis import get_redis
+from nanogrid_celery.config import Settings
+from nanogrid_celery.middleware import Middleware, RunContext
+from nanogrid_celery.result import ExecutionResult
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +105,13 @@ def tail(
                     yield entry_id, parse_entry(fields)
                 except (KeyError, ValueError):
                     log.warning("skipping malformed event %s", entry_id)
+
+
+class ResultStreamMiddleware(Middleware):
+    """Publishes each final result (``after_run``) through a :class:`ResultPublisher`."""
+
+    def __init__(self, settings: Settings, publisher: ResultPublisher | None = None) -> None:
+        self.publisher = publisher or ResultPublisher(settings)
+
+    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
+        self.publisher.publish(result)
