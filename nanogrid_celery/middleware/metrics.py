@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nanogrid_celery.middleware import Middleware, RunContext
-from nanogrid_celery.monitoring import metrics
+from nanogrid_celery.monitoring import prometheus as metrics
 
 if TYPE_CHECKING:
     from nanogrid_celery.config import Settings
