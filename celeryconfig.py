@@ -39,10 +39,8 @@ accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-# issue 7: visibility heartbeat + startup check, dead-letter queue for poison messages
-imports = ("nanogrid_celery.delivery.visibility", "nanogrid_celery.delivery.deadletter")
-# issue 6 (docs/monitoring.md): the metrics module must be imported by the main process
-imports += ("nanogrid_celery.monitoring.prometheus",)
+# The worker's own life cycle (visibility heartbeat, dead-letter queue, metrics, the runner)
+# is installed by nanogrid_celery.app (service/lifecycle.py), not through `imports`.
 # WorkerConsumer = the dead-letter consumer + events/remote control over Redis (no SQS fanout)
 worker_consumer = "nanogrid_celery.service.consumer:WorkerConsumer"
 worker_send_task_events = bool(_s.events_broker_url)

@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from nanogrid_celery.errors import InternalError, RunRejected
+
+__all__ = ["ExecutionResult", "InternalError", "RunRejected", "Status"]
+
 
 class Status(StrEnum):
     SUCCESS = "success"
@@ -72,11 +76,3 @@ class ExecutionResult:
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["status"] = Status(kwargs["status"])
         return cls(**kwargs)
-
-
-class RunRejected(Exception):
-    """Bad input: the run ends as ``rejected`` with this message; nothing is retried."""
-
-
-class InternalError(Exception):
-    """Our fault (Docker, S3, a broken container): retried once on a fresh container."""

@@ -98,6 +98,26 @@ def request_context(request_id: str) -> Iterator[None]:
         request_id_var.reset(token)
 
 
-def log(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
-    """Log ``msg`` with structured ``fields`` (rendered as key=value or JSON keys)."""
-    logger.log(level, msg, extra={"fields": fields})
+class StructLogger(logging.LoggerAdapter):
+    """A logger whose keyword arguments are structured fields: ``log.info("msg", container=id)``.
+
+    Fields render as ``key=value`` (or JSON keys with ``NANOGRID_LOG_JSON=1``)
+    after the message; the request id is stamped by :class:`RequestIdFilter`.
+    ``exc_info``, ``stack_info``, ``stacklevel`` and ``extra`` keep their
+    logging meaning.
+    """
+
+    _LOGGING_KWARGS = frozenset({"exc_info", "stack_info", "stacklevel", "extra"})
+
+    def process(self, msg: object, kwargs: dict) -> tuple[object, dict]:
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._LOGGING_KWARGS}
+        if fields:
+            extra = dict(kwargs.get("extra") or {})
+            extra["fields"] = {**extra.get("fields", {}), **fields}
+            kwargs["extra"] = extra
+        return msg, kwargs
+
+
+def get_logger(name: str) -> StructLogger:
+    """The module's logger; every module logs through this (see :class:`StructLogger`)."""
+    return StructLogger(logging.getLogger(name), {})

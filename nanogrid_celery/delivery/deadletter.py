@@ -16,19 +16,18 @@ names another):
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from celery.signals import worker_init
 from celery.worker.consumer import Consumer
 
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings, get_settings
 from nanogrid_celery.delivery.sqs import queue_url, sqs_client
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RETENTION_S = 14 * 86_400  # the SQS maximum: a DLQ is read by people, later
 
@@ -73,13 +72,9 @@ def ensure_dead_letter_queue(settings: Settings) -> tuple[str, str]:
     )
     log.info(
         "dead-letter queue ready",
-        extra={
-            "fields": {
-                "queue": settings.queue,
-                "dlq": dlq_name(settings),
-                "max_receives": settings.dlq_max_receives,
-            }
-        },
+        queue=settings.queue,
+        dlq=dlq_name(settings),
+        max_receives=settings.dlq_max_receives,
     )
     return work, dlq
 
@@ -101,11 +96,13 @@ def send_to_dlq(settings: Settings, body: str, reason: str, request_id: str | No
             **fifo,
         )
     except (ClientError, BotoCoreError) as exc:
-        log.error("could not dead-letter a message: %s", exc, extra={"fields": {"reason": reason}})
+        log.error("could not dead-letter a message: %s", exc, reason=reason)
         return False
     log.warning(
         "message dead-lettered",
-        extra={"fields": {"dlq": dlq_name(settings), "reason": reason, "task_id": request_id}},
+        dlq=dlq_name(settings),
+        reason=reason,
+        task_id=request_id,
     )
     return True
 
@@ -157,17 +154,16 @@ class DeadLetterConsumer(Consumer):
         self._dead_letter(message, f"invalid task message: {exc}")
 
 
-@worker_init.connect
-def _setup_dead_letter_queue(**_kw: Any) -> None:
+def setup_dead_letter_queue(settings: Settings, attempts: int = 5) -> bool:
     """Main process, at start: without a redrive policy a poison message loops forever."""
-    settings = get_settings()
     if not settings.broker_url.startswith("sqs://"):
-        return
-    for attempt in range(5):
+        return False
+    for attempt in range(attempts):
         try:
             ensure_dead_letter_queue(settings)
-            return
+            return True
         except (ClientError, BotoCoreError) as exc:
             log.warning("dead-letter queue setup failed (attempt %d): %s", attempt + 1, exc)
             time.sleep(1 + attempt)
     log.error("no dead-letter queue: poison messages will be redelivered until they expire")
+    return False

@@ -24,27 +24,24 @@ from __future__ import annotations
 
 import contextvars
 import json
-import logging
-import os
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
 from celery.exceptions import Ignore, Reject
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
+from nanogrid_celery.common.identity import ProcessIdentity
+from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.common.perprocess import PerProcess
+from nanogrid_celery.common.redis import get_redis
 from nanogrid_celery.config import Settings, get_settings
 from nanogrid_celery.result import ExecutionResult, Status
-from nanogrid_celery.sandbox.containers import process_start_time
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CLAIM = "nanogrid:claim:{}"
 RESULT = "nanogrid:result:{}"
@@ -75,8 +72,8 @@ class RedisUnavailable(Exception):
 
 def owner_id() -> str:
     """host|pid|process start|nonce: enough to tell a dead owner on this host from a live one."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}|{pid}|{process_start_time(pid)}|{uuid.uuid4().hex[:8]}"
+    me = ProcessIdentity.current()
+    return f"{me.host}|{me.pid}|{me.start}|{uuid.uuid4().hex[:8]}"
 
 
 def owner_alive(owner: str) -> bool:
@@ -86,11 +83,10 @@ def owner_alive(owner: str) -> bool:
         pid = int(pid_s)
     except ValueError:
         return False
-    if host != socket.gethostname():
+    who = ProcessIdentity(host, pid, pstart)
+    if not who.on_this_host():
         return True  # cannot see it; its claim's TTL decides
-    if not Path(f"/proc/{pid}").exists():
-        return False
-    return process_start_time(pid) == pstart
+    return who.alive()
 
 
 @dataclass
@@ -164,15 +160,8 @@ class ClaimStore:
         self.settings = settings
         self.ttl_ms = settings.claim_ttl_s * 1000
         self.result_ttl = settings.result_expires
-        self.redis = client or redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=5,
-            socket_connect_timeout=3,
-            health_check_interval=10,
-            # a Redis restart takes a second or two: ride it out (~30 s) instead of failing
-            retry=Retry(ExponentialBackoff(cap=2, base=0.1), retries=20),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+        # a Redis restart takes a second or two: ride it out (~30 s) instead of failing
+        self.redis = client or get_redis(settings.redis_url, "durable")
 
     def stored_result(self, request_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(RESULT.format(request_id))
@@ -205,7 +194,7 @@ class ClaimStore:
             if self.redis.eval(_TAKE_OVER, 1, key, holder, owner, self.ttl_ms):
                 log.warning(
                     "took over the claim of a dead worker",
-                    extra={"fields": {"dead_owner": holder}},
+                    dead_owner=holder,
                 )
                 return self._claimed(request_id, owner)
         return Verdict("busy", holder="(contended)")
@@ -225,15 +214,12 @@ class ClaimStore:
         return Verdict("run", claim=claim)
 
 
-_store: tuple[int, ClaimStore] | None = None
+_stores: PerProcess[str, ClaimStore] = PerProcess(lambda _: ClaimStore(get_settings()))
 
 
 def get_store() -> ClaimStore:
     """This process's store; rebuilt after a fork (a Redis socket must not be shared)."""
-    global _store
-    if _store is None or _store[0] != os.getpid():
-        _store = (os.getpid(), ClaimStore(get_settings()))
-    return _store[1]
+    return _stores.get("claims")
 
 
 def run_once(
@@ -261,7 +247,7 @@ def run_once(
     if claim.starts > store.settings.max_starts:
         return _dead_letter(task, claim, runtime)
     if claim.starts > 1:
-        log.warning("running again after a lost run", extra={"fields": {"start": claim.starts}})
+        log.warning("running again after a lost run", start=claim.starts)
     try:
         with claim.kept_alive():
             result = execute()
@@ -288,13 +274,9 @@ def _defer(task: Any, request_id: str, holder: str) -> None:
     kwargs["deferrals"] = int(kwargs.get("deferrals") or 0) + 1
     log.info(
         "request is running elsewhere; checking again later",
-        extra={
-            "fields": {
-                "holder": holder,
-                "delay_s": settings.duplicate_delay_s,
-                "deferrals": kwargs["deferrals"],
-            }
-        },
+        holder=holder,
+        delay_s=settings.duplicate_delay_s,
+        deferrals=kwargs["deferrals"],
     )
     try:
         task.apply_async(

@@ -14,13 +14,14 @@ the worker picks up work again as soon as SQS is back. Selected by
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kombu.transport import SQS
 from vine import promise, transform
 
-log = logging.getLogger(__name__)
+from nanogrid_celery.common.logs import get_logger
+
+log = get_logger(__name__)
 
 _QUEUE_GONE = ("NonExistentQueue", "QueueDoesNotExist")
 
@@ -66,16 +67,14 @@ class Channel(SQS.Channel):
     def _loop1(self, queue: str, messages_fetched: Any = None) -> None:
         failures = self._failures()
         if messages_fetched is not None and failures.pop(queue, 0):  # a receive came back
-            log.info("SQS polling recovered", extra={"fields": {"queue": queue}})
+            log.info("SQS polling recovered", queue=queue)
         super()._loop1(queue, messages_fetched)
 
     def _poll_failed(self, queue: str, exc: BaseException) -> None:
         if any(code in str(exc) for code in _QUEUE_GONE):
             # forget its URL: the next poll re-creates the queue, as kombu does at startup
             self._queue_cache.pop(self.canonical_queue_name(queue), None)
-            log.warning(
-                "SQS queue does not exist; re-creating it", extra={"fields": {"queue": queue}}
-            )
+            log.warning("SQS queue does not exist; re-creating it", queue=queue)
         failures = self._failures()
         n = failures[queue] = failures.get(queue, 0) + 1
         delay = min(self.max_poll_backoff, 0.25 * 2 ** (n - 1))
@@ -83,7 +82,9 @@ class Channel(SQS.Channel):
             log.warning(
                 "SQS poll failed; retrying: %s",
                 exc,
-                extra={"fields": {"queue": queue, "failures": n, "retry_in_s": delay}},
+                queue=queue,
+                failures=n,
+                retry_in_s=delay,
             )
         self.hub.call_later(delay, self._schedule_queue, queue)
 

@@ -14,25 +14,24 @@ kombu message and its receipt handle; the pool child never sees it):
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from celery.signals import task_received, worker_init, worker_ready, worker_shutdown
 
-from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.config import Settings
 from nanogrid_celery.delivery.sqs import sqs_client
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # SQS answers these when the message is already deleted or its handle is stale
 _GONE = {"ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight"}
 
 
 class VisibilityTooShort(SystemExit):
-    """Raised at worker startup; a SystemExit so Celery's signal dispatch does not swallow it."""
+    """Raised at worker startup; a SystemExit so the worker exits with the message."""
 
 
 def longest_run_seconds(settings: Settings) -> float:
@@ -89,7 +88,7 @@ class VisibilityHeartbeat:
             self._thread.start()
             log.info(
                 "visibility heartbeat started",
-                extra={"fields": {"interval_s": self.interval}},
+                interval_s=self.interval,
             )
 
     def stop(self) -> None:
@@ -118,12 +117,8 @@ class VisibilityHeartbeat:
                 count += 1
                 log.info(
                     "extended message visibility",
-                    extra={
-                        "fields": {
-                            "task_id": getattr(request, "id", None),
-                            "visibility_s": self.settings.visibility_timeout,
-                        }
-                    },
+                    task_id=getattr(request, "id", None),
+                    visibility_s=self.settings.visibility_timeout,
                 )
         self.extended += count
         return count
@@ -151,38 +146,5 @@ def _message(request: Any) -> Any:
     return request.message
 
 
-_heartbeat: VisibilityHeartbeat | None = None
-
-
-def _is_sqs(settings: Settings) -> bool:
+def is_sqs(settings: Settings) -> bool:
     return settings.broker_url.startswith("sqs://")
-
-
-@worker_init.connect
-def _on_worker_init(**_kw: Any) -> None:
-    """Main process, before the pool forks: refuse a short timeout, prepare the heartbeat."""
-    global _heartbeat
-    settings = get_settings()
-    check_visibility_timeout(settings)
-    if _is_sqs(settings) and _heartbeat is None:
-        _heartbeat = VisibilityHeartbeat(settings)
-
-
-@task_received.connect
-def _on_received(request: Any = None, **_kw: Any) -> None:
-    if _heartbeat is not None and request is not None:
-        _heartbeat.track(request)
-
-
-@worker_ready.connect
-def _start_heartbeat(**_kw: Any) -> None:
-    if _heartbeat is not None:
-        _heartbeat.start()
-
-
-@worker_shutdown.connect
-def _stop_heartbeat(**_kw: Any) -> None:
-    global _heartbeat
-    hb, _heartbeat = _heartbeat, None
-    if hb is not None:
-        hb.stop()

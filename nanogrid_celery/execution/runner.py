@@ -3,104 +3,78 @@
 Every path out of :meth:`Runner.execute` is an :class:`ExecutionResult` -
 hostile input becomes ``rejected``, our own failures ``internal_error`` after
 one retry on a fresh container - so the task never raises and the worker
-never dies on a submission.
+never dies on a submission. The runner is a straight line over four parts it
+is given or builds: a pool (warm or cold, same interface), a sandbox (with
+the executor chosen by name), a fetch function and the middleware hooks; the
+Docker-free unit tests pass stubs for all four (tests/unit/test_runner.py).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import docker
-from docker.errors import DockerException
 
+from nanogrid_celery.common.identity import ProcessIdentity
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
-from nanogrid_celery.execution.runtimes import plan_for, resolve_runtime
+from nanogrid_celery.errors import InternalError, RunRejected
+from nanogrid_celery.execution.request import RunRequest, resolve_limits, stdin_bytes
+from nanogrid_celery.execution.runtimes import Plan, plan_for, resolve_runtime
 from nanogrid_celery.execution.storage import content_hash, fetch_submission
-from nanogrid_celery.middleware import Middleware, RunContext, default_middleware
-from nanogrid_celery.result import ExecutionResult, InternalError, RunRejected, Status
-from nanogrid_celery.sandbox.containers import Lease, create_container, destroy, reap_orphans
-from nanogrid_celery.sandbox.executors.agent import make_sandbox
-from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits, SandboxDirty
+from nanogrid_celery.middleware import Hooks, Middleware, RunContext, default_middleware
+from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.sandbox.box import Sandbox
+from nanogrid_celery.sandbox.executors import Executor, get_executor
+from nanogrid_celery.sandbox.outcome import Outcome
 from nanogrid_celery.sandbox.output import decode
-from nanogrid_celery.sandbox.pool import WarmPool
+from nanogrid_celery.sandbox.pool import ColdPool, WarmPool, make_pool
 
-log = logging.getLogger(__name__)
-MB = 1024 * 1024
+log = get_logger(__name__)
 DOCKER_WAIT_S = 30.0  # a dockerd restart takes ~3 s here; the retry waits this long at most
+MAX_FAILURES = 2  # our own failures: the first is retried on a fresh container
+MAX_ATTEMPTS = 3  # with middleware retries (a tuned OOM gets one more go at 2x)
 
-
-@dataclass
-class RunRequest:
-    request_id: str
-    runtime: str
-    s3_bucket: str
-    s3_key: str
-    stdin: str | None = None
-    timeout_ms: int | None = None
-    memory_mb: int | None = None
-    submitted_at: float | None = None
-    function: str | None = None
-
-
-def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | None) -> RunLimits:
-    """Defaults for what the task leaves out; out-of-range values are rejected, not clamped."""
-    lim = settings.limits
-    timeout = lim.default_timeout_ms if timeout_ms is None else timeout_ms
-    memory = lim.default_memory_mb if memory_mb is None else memory_mb
-    if not isinstance(timeout, int) or isinstance(timeout, bool):
-        raise RunRejected(f"timeout_ms must be an integer, got {timeout_ms!r}")
-    if not isinstance(memory, int) or isinstance(memory, bool):
-        raise RunRejected(f"memory_mb must be an integer, got {memory_mb!r}")
-    if not 1 <= timeout <= lim.max_timeout_ms:
-        raise RunRejected(f"timeout_ms must be between 1 and {lim.max_timeout_ms}, got {timeout}")
-    if not lim.min_memory_mb <= memory <= lim.max_memory_mb:
-        raise RunRejected(
-            f"memory_mb must be between {lim.min_memory_mb} and {lim.max_memory_mb}, got {memory}"
-        )
-    return RunLimits(
-        timeout_ms=timeout,
-        memory_bytes=memory * MB,
-        pids=lim.pids,
-        stdout_max_bytes=lim.stdout_max_bytes,
-        stderr_max_bytes=lim.stderr_max_bytes,
-    )
+Fetch = Callable[[Settings, str, str, str], dict[str, bytes]]
 
 
 class Runner:
-    """Owns the docker client, the pool (if enabled) and the sandbox of one worker process."""
+    """Owns the pool, the sandbox and the hooks of one worker process."""
 
     def __init__(
         self,
         settings: Settings,
         client: docker.DockerClient | None = None,
         middleware: list[Middleware] | None = None,
+        *,
+        executor: Executor | None = None,
+        pool: WarmPool | ColdPool | None = None,
+        fetch: Fetch = fetch_submission,
     ) -> None:
         self.settings = settings
-        self.client = client or docker.from_env(timeout=30)
-        self.sandbox = make_sandbox(settings, self.client)  # NANOGRID_EXECUTOR: agent | exec
-        self.pool: WarmPool | None = None
-        if settings.pool_enabled:
-            self.pool = WarmPool(settings, self.client)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.middleware: list[Middleware] = (
-            default_middleware(settings) if middleware is None else middleware
-        )
+        self._client = client
+        self.executor = executor or get_executor(settings.executor, settings, self.client)
+        self.sandbox = Sandbox(settings, self.executor)
+        self.pool = pool or make_pool(settings, self.client, self.executor, self.sandbox.reset)
+        self.fetch = fetch
+        self.hooks = Hooks(default_middleware(settings) if middleware is None else middleware)
+        me = ProcessIdentity.current()
+        self.worker = f"{me.host}:{me.pid}"
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """Made on first use: a stub pool and executor need no Docker at all."""
+        if self._client is None:
+            self._client = docker.from_env(timeout=30)
+        return self._client
 
     def start(self) -> None:
-        if self.pool:
-            self.pool.start()  # reaps orphans first
-        else:  # a replacement for a killed child must still reap what that child left
-            reap_orphans(self.settings, self.client)
-        for mw in self.middleware:
-            _guarded(mw.on_start, self)
+        self.pool.start()  # reaps orphans first, then fills (warm)
+        self.hooks.emit_start(self)
 
     def shutdown(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
+        self.pool.shutdown()
 
     # -- the request -----------------------------------------------------------
     def execute(self, req: RunRequest, received_at: float | None = None) -> ExecutionResult:
@@ -115,139 +89,96 @@ class Runner:
         )
         if req.submitted_at:
             result.queue_ms = round(max(0.0, received_at - float(req.submitted_at)) * 1000, 3)
-        box: list[RunContext] = []
+        ctx = RunContext(request=req, result=result)
+        error: BaseException | None = None
         try:
-            self._execute(req, result, box)
+            self._execute(ctx)
         except RunRejected as exc:
-            result.status, result.message = Status.REJECTED, str(exc)
+            error, result.status, result.message = exc, Status.REJECTED, str(exc)
         except InternalError as exc:
-            result.status, result.message = Status.INTERNAL_ERROR, str(exc)
+            error, result.status, result.message = exc, Status.INTERNAL_ERROR, str(exc)
         except Exception as exc:  # last line of defence: the worker must survive
             log.exception("unexpected failure")
-            result.status = Status.INTERNAL_ERROR
+            error, result.status = exc, Status.INTERNAL_ERROR
             result.message = f"unexpected {type(exc).__name__}: {exc}"
         result.finished_at = time.time()
         result.total_ms = round((time.perf_counter() - t0) * 1000, 3)
-        for mw in self.middleware:
-            _guarded(mw.after_run, box[0] if box else None, result)
+        self.hooks.emit_after(ctx, result, error)  # after the clock stops: they see total_ms
         log.info(
             "run finished",
-            extra={
-                "fields": {
-                    "status": str(result.status),
-                    "exit_code": result.exit_code,
-                    "duration_ms": result.duration_ms,
-                    "total_ms": result.total_ms,
-                    "start": result.start,
-                }
-            },
+            status=str(result.status),
+            exit_code=result.exit_code,
+            duration_ms=result.duration_ms,
+            total_ms=result.total_ms,
+            start=result.start,
         )
         return result
 
-    def _execute(self, req: RunRequest, result: ExecutionResult, box: list[RunContext]) -> None:
-        runtime = resolve_runtime(req.runtime)
-        result.runtime = runtime
-        limits = resolve_limits(self.settings, req.timeout_ms, req.memory_mb)
-        result.limits = limits.as_dict()
-        stdin = _stdin_bytes(self.settings, req.stdin)
-        files = fetch_submission(self.settings, runtime, req.s3_bucket, req.s3_key)
-        plan = plan_for(runtime, set(files))
-        ctx = RunContext(
-            request=req,
-            runtime=runtime,
-            function=req.function or content_hash(files),
-            limits=limits,
-            explicit_memory=req.memory_mb is not None,
-        )
-        box.append(ctx)
-        result.function = ctx.function
-        for mw in self.middleware:
-            _guarded(mw.before_run, ctx)
+    def _execute(self, ctx: RunContext) -> None:
+        req, result = ctx.request, ctx.result
+        ctx.runtime = result.runtime = resolve_runtime(req.runtime)
+        ctx.limits = resolve_limits(self.settings, req.timeout_ms, req.memory_mb)
+        result.limits = ctx.limits.as_dict()
+        stdin = stdin_bytes(self.settings, req.stdin)
+        files = self.fetch(self.settings, ctx.runtime, req.s3_bucket, req.s3_key)
+        plan = plan_for(ctx.runtime, set(files))
+        ctx.function = result.function = req.function or content_hash(files)
+        ctx.explicit_memory = req.memory_mb is not None
+        self.hooks.emit_before(ctx)
         failures = 0
         while True:
             result.attempts = ctx.attempt
             result.limits = ctx.limits.as_dict()
             result.memory_limit_bytes = ctx.limits.memory_bytes
             try:
-                outcome = self._run_once(runtime, plan, files, stdin, ctx.limits, result)
-            except (InternalError, DockerException, SandboxDirty, OSError) as exc:
+                outcome = self._run_once(ctx, plan, files, stdin)
+            except InternalError as exc:
                 failures += 1
                 log.warning("attempt %d failed: %s", ctx.attempt, exc)
-                if failures == 2:
+                if failures == MAX_FAILURES:
                     raise InternalError(f"execution failed twice: {exc}") from exc
                 self._wait_for_docker()
                 ctx.attempt += 1
                 continue
-            retry = None
-            if ctx.attempt < 3:
-                for mw in self.middleware:
-                    retry = retry or _guarded(mw.retry_limits, ctx, outcome)
+            retry = self.hooks.emit_retry(ctx, outcome) if ctx.attempt < MAX_ATTEMPTS else None
             if retry is None:
                 _fill(result, outcome)
                 return
-            log.info("retrying with new limits", extra={"fields": retry.as_dict()})
+            log.info("retrying with new limits", **retry.as_dict())
             ctx.limits = retry
             ctx.attempt += 1
 
+    def _run_once(
+        self, ctx: RunContext, plan: Plan, files: dict[str, bytes], stdin: bytes | None
+    ) -> Outcome:
+        assert ctx.runtime is not None and ctx.limits is not None
+        result = ctx.result
+        t_lease = time.perf_counter()
+        lease = self.pool.acquire(ctx.runtime)
+        result.start_ms = round((time.perf_counter() - t_lease) * 1000, 3)
+        result.container_id, result.start = lease.short_id, lease.start
+        try:
+            outcome = self.sandbox.run(lease, plan, files, stdin, ctx.limits)
+        except BaseException:
+            self.pool.discard(lease, "run did not complete")
+            raise
+        self.pool.release(lease)  # warm: verified reset, then kept; cold: destroyed
+        return outcome
+
     def _wait_for_docker(self, timeout: float = DOCKER_WAIT_S) -> None:
         """Before the retry: a daemon that is restarting gets a few seconds to come back."""
+        if self._client is None:
+            return
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.client.ping()
+                self._client.ping()
                 return
-            except (DockerException, OSError) as exc:  # requests' ConnectionError is an OSError
+            except (docker.errors.DockerException, OSError) as exc:
                 if time.monotonic() > deadline:
                     log.warning("docker still unreachable after %.0f s: %s", timeout, exc)
                     return
             time.sleep(0.25)
-
-    def _run_once(self, runtime, plan, files, stdin, limits, result) -> Outcome:
-        t_lease = time.perf_counter()
-        lease = self._lease(runtime)
-        result.start_ms = round((time.perf_counter() - t_lease) * 1000, 3)
-        result.container_id, result.start = lease.short_id, lease.start
-        try:
-            outcome = self.sandbox.run(lease, plan, files, stdin, limits)
-        except BaseException:
-            self._dispose(lease, "run did not complete")
-            raise
-        self._recycle(lease)
-        return outcome
-
-    def _recycle(self, lease: Lease) -> None:
-        """Reset and return the container; one that cannot be verified clean is replaced."""
-        if not self.pool:
-            destroy(lease)
-            return
-        try:
-            self.sandbox.reset(lease)
-        except SandboxDirty as exc:
-            self.pool.discard(lease, str(exc))
-            return
-        self.pool.release(lease)
-
-    def _dispose(self, lease: Lease, reason: str) -> None:
-        if self.pool:
-            self.pool.discard(lease, reason)
-        else:
-            destroy(lease)
-
-    def _lease(self, runtime: str) -> Lease:
-        if self.pool:
-            return self.pool.acquire(runtime)
-        lease = create_container(self.settings, self.client, runtime, role="cold")
-        lease.start = "cold"
-        return lease
-
-
-def _stdin_bytes(settings: Settings, stdin: str | bytes | None) -> bytes | None:
-    if stdin is None:
-        return None
-    data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
-    if len(data) > settings.limits.max_stdin_bytes:
-        raise RunRejected(f"stdin is {len(data)} bytes; at most {settings.limits.max_stdin_bytes}")
-    return data
 
 
 def _fill(result: ExecutionResult, outcome: Outcome) -> None:
@@ -267,12 +198,3 @@ def _fill(result: ExecutionResult, outcome: Outcome) -> None:
         result.memory_limit_bytes = outcome.memory_limit_bytes
     if outcome.cpu_time_ms is not None and outcome.duration_ms:
         result.cpu_usage_percent = round(100 * outcome.cpu_time_ms / outcome.duration_ms, 1)
-
-
-def _guarded(hook, *args):
-    """Run a middleware hook; a broken observer must never fail the run."""
-    try:
-        return hook(*args)
-    except Exception:
-        log.exception("middleware %s failed", getattr(hook, "__qualname__", hook))
-        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanogrid_celery.result import RunRejected
+from nanogrid_celery.errors import RunRejected
 
 ALIASES = {"python": "python", "python3": "python", "py": "python", "cpp": "cpp", "c++": "cpp"}
 RUNTIMES = ("python", "cpp")

@@ -4,39 +4,42 @@ A submission is one of three S3 layouts: a ``.zip`` object, a single source
 file, or a key prefix ending in ``/``. Everything hostile (absolute paths,
 ``..``, links, zip bombs, too many or too large files) is refused here, before
 a single byte touches a container, as :class:`RunRejected`; S3 being down is
-:class:`InternalError` so the task can retry.
+:class:`~nanogrid_celery.errors.StorageUnavailable` (an InternalError) so the
+runner can retry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import re
 import stat
 import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import PurePosixPath
+from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.common.perprocess import PerProcess
 from nanogrid_celery.config import Limits, Settings
+from nanogrid_celery.errors import RunRejected, StorageUnavailable
 from nanogrid_celery.execution.runtimes import main_file_name
-from nanogrid_celery.result import InternalError, RunRejected
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Files = dict[str, bytes]
+_clients: PerProcess[tuple, Any] = PerProcess(lambda key: _client(key))  # ~50 ms to build
 _MISSING = {"NoSuchKey", "404", "NoSuchBucket", "NotFound"}
 
 
-@lru_cache(maxsize=4)
-def _client(endpoint: str | None, region: str, max_attempts: int, creds: tuple):
+def _client(key: tuple) -> Any:
+    endpoint, region, max_attempts, creds = key
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -53,7 +56,7 @@ def _client(endpoint: str | None, region: str, max_attempts: int, creds: tuple):
 def s3_client(settings: Settings, max_attempts: int = 3):
     """A cached boto3 client: creating one costs ~50 ms, far more than a small GET."""
     creds = tuple(sorted(settings.s3_credentials().items()))
-    return _client(settings.s3_endpoint, settings.s3_region, max_attempts, creds)
+    return _clients.get((settings.s3_endpoint, settings.s3_region, max_attempts, creds))
 
 
 def safe_name(name: str) -> str:
@@ -141,9 +144,9 @@ def fetch_submission(settings: Settings, runtime: str, bucket: str, key: str) ->
             raise RunRejected(f"no code at s3://{bucket}/{key} ({code})") from exc
         if code in {"AccessDenied", "403"}:
             raise RunRejected(f"access denied to s3://{bucket}/{key}") from exc
-        raise InternalError(f"S3 error reading s3://{bucket}/{key}: {code} {exc}") from exc
+        raise StorageUnavailable(f"S3 error reading s3://{bucket}/{key}: {code} {exc}") from exc
     except BotoCoreError as exc:
-        raise InternalError(f"S3 unavailable reading s3://{bucket}/{key}: {exc}") from exc
+        raise StorageUnavailable(f"S3 unavailable reading s3://{bucket}/{key}: {exc}") from exc
     _check_total(files, limits)
     return files
 

@@ -26,10 +26,12 @@ class MetricsMiddleware(Middleware):
 
     def on_start(self, runner: Runner) -> None:
         self.runner = runner
-        if runner.pool is not None and self.sampler is None:
+        if self.sampler is None:
             self.sampler = metrics.PoolSampler(runner.pool).start()
 
-    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
+    def after_run(
+        self, ctx: RunContext, result: ExecutionResult, exc: BaseException | None = None
+    ) -> None:
         metrics.observe(result)
-        if self.runner is not None and self.runner.pool is not None:
+        if self.runner is not None:
             metrics.sample_pool(self.runner.pool)  # fresh right after a lease and release

@@ -13,7 +13,6 @@ the tuner so the published result carries the tuner's fields.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +20,13 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.common.redis import get_redis
 from nanogrid_celery.config import Settings
 from nanogrid_celery.middleware import Middleware, RunContext
 from nanogrid_celery.result import ExecutionResult
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 EVENT_VERSION = 1
 
@@ -87,7 +87,7 @@ class ResultPublisher:
             log.warning(
                 "could not publish result event: %s",
                 exc,
-                extra={"fields": {"stream": s.events_stream}},
+                stream=s.events_stream,
             )
             return None
 
@@ -113,5 +113,7 @@ class ResultStreamMiddleware(Middleware):
     def __init__(self, settings: Settings, publisher: ResultPublisher | None = None) -> None:
         self.publisher = publisher or ResultPublisher(settings)
 
-    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
+    def after_run(
+        self, ctx: RunContext, result: ExecutionResult, exc: BaseException | None = None
+    ) -> None:
         self.publisher.publish(result)

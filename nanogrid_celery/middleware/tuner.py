@@ -10,7 +10,6 @@ trouble only costs the tuning, never the run.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -32,9 +31,12 @@ from nanogrid_celery.result import Status
 if TYPE_CHECKING:
     from nanogrid_celery.config import Settings
     from nanogrid_celery.result import ExecutionResult
-    from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits
+    from nanogrid_celery.sandbox.limits import RunLimits
+    from nanogrid_celery.sandbox.outcome import Outcome
 
-log = logging.getLogger(__name__)
+from nanogrid_celery.common.logs import get_logger
+
+log = get_logger(__name__)
 
 # Outcomes whose peak says nothing about the program's memory need.
 NOT_LEARNED = {Status.REJECTED, Status.INTERNAL_ERROR, Status.COMPILE_ERROR}
@@ -69,7 +71,8 @@ class TunerMiddleware(Middleware):
         ctx.tuned = True
         log.info(
             "memory limit tuned",
-            extra={"fields": {"function": ctx.function, "memory_mb": rec // MB}},
+            function=ctx.function,
+            memory_mb=rec // MB,
         )
 
     def retry_limits(self, ctx: RunContext, outcome: Outcome) -> RunLimits | None:
@@ -83,11 +86,13 @@ class TunerMiddleware(Middleware):
         peak = outcome.peak_memory_bytes or current
         self._record(ctx, RunRecord(peak, str(Status.OOM), current, True, time.time()))
         fields = {"function": ctx.function, "from_mb": current // MB, "to_mb": bigger // MB}
-        log.info("oom under a tuned limit; one retry at double", extra={"fields": fields})
+        log.info("oom under a tuned limit; one retry at double", **fields)
         return replace(ctx.limits, memory_bytes=bigger)
 
-    def after_run(self, ctx: RunContext | None, result: ExecutionResult) -> None:
-        if ctx is None:
+    def after_run(
+        self, ctx: RunContext, result: ExecutionResult, exc: BaseException | None = None
+    ) -> None:
+        if ctx.function is None:  # rejected before its code was fetched: nothing to learn
             return
         result.memory_tuned = ctx.tuned
         if result.peak_memory_bytes is not None and result.status not in NOT_LEARNED:

@@ -5,28 +5,29 @@ process, so prometheus_client's multiprocess mode joins them: every process
 writes its samples to mmap files in ``PROMETHEUS_MULTIPROC_DIR`` and the
 endpoint adds them up on each scrape.
 
-The order matters, and Celery's signals give it:
+The order matters; :mod:`nanogrid_celery.service.lifecycle` keeps it:
 
-1. ``worker_init`` (main process, before the pool forks): create a private
-   directory and export ``PROMETHEUS_MULTIPROC_DIR``, which the children inherit.
-   This module is imported there through celeryconfig's ``imports``.
+1. main process, before the pool forks (:meth:`MetricsServer.prepare`): create a
+   private directory and export ``PROMETHEUS_MULTIPROC_DIR``, which the children
+   inherit.
 2. children: metric objects are created lazily (:func:`_metrics`) - after the
    variable is set, which is when prometheus_client picks its multiprocess
    value class. They count results (:func:`observe`) and sample the pool
    (:class:`PoolSampler`; ``livesum`` gauges, so a child that exits cleanly
    stops counting while its counters stay).
-3. ``worker_ready`` (main process): serve ``/metrics`` from the directory.
-4. ``worker_shutdown``: stop serving, remove the directory we created.
+3. main process, once the pool runs (:meth:`MetricsServer.start`): serve
+   ``/metrics`` from the directory.
+4. at shutdown (:meth:`MetricsServer.stop`): stop serving, remove the directory
+   we created.
 
 Only a worker does any of this, and only with ``NANOGRID_METRICS_PORT`` > 0; any
-other process that imports the module (Flower imports the ``imports`` list too)
-keeps plain in-process metrics and creates no files.
+other process that imports the module keeps plain in-process metrics and
+creates no files.
 """
 
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import shutil
 import tempfile
@@ -34,7 +35,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -52,7 +52,9 @@ if TYPE_CHECKING:
     from nanogrid_celery.result import ExecutionResult
     from nanogrid_celery.sandbox.pool import WarmPool
 
-log = logging.getLogger(__name__)
+from nanogrid_celery.common.logs import get_logger
+
+log = get_logger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_INTERVAL_S = 5.0
@@ -212,72 +214,72 @@ class PoolSampler:
 
 
 # -- the worker's main process ---------------------------------------------------------------
-_dir: str | None = None  # the multiprocess directory, in the worker's main process
-_own_dir = False
-_server: Any = None
+class MetricsServer:
+    """The multiprocess directory and ``/metrics`` endpoint of one worker's main process.
 
+    Driven by :mod:`nanogrid_celery.service.lifecycle` in the order the module doc gives:
+    :meth:`prepare` before the pool forks, :meth:`start` once it has, :meth:`stop` at exit.
+    """
 
-@worker_init.connect
-def _on_worker_init(**_kw: Any) -> None:
-    """Before the pool forks: an empty directory, named in the environment children inherit."""
-    global _dir, _own_dir
-    if get_settings().metrics_port <= 0:
-        return
-    path = os.environ.get(MULTIPROC_ENV)
-    if path:  # named by the operator: must be private to this worker; wiped as the docs say
-        os.makedirs(path, exist_ok=True)
-        for stale in glob.glob(os.path.join(path, "*.db")):
-            os.remove(stale)
-    else:
-        path = tempfile.mkdtemp(prefix="nanogrid-metrics-")
-        os.environ[MULTIPROC_ENV] = path
-        _own_dir = True
-    _dir = path
+    def __init__(self, port: int, host: str) -> None:
+        self.port, self.host = port, host
+        self.dir: str | None = None
+        self._own_dir = False
+        self._server: Any = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.port > 0
 
-def start_server(port: int, host: str) -> bool:
-    """Serve the summed samples of every process on ``host:port``; False if it cannot."""
-    global _server
-    if _dir is None or _server is not None:
-        return _server is not None
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=_dir)
-    try:
-        _server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:  # metrics are an observer: the worker runs on without them
-        log.error(
-            "metrics endpoint could not start",
-            extra={"fields": {"host": host, "port": port, "error": str(exc)}},
+    def prepare(self) -> None:
+        """Before the pool forks: an empty directory, named in the environment children inherit."""
+        if not self.enabled:
+            return
+        path = os.environ.get(MULTIPROC_ENV)
+        if path:  # named by the operator: must be private to this worker; wiped as the docs say
+            os.makedirs(path, exist_ok=True)
+            for stale in glob.glob(os.path.join(path, "*.db")):
+                os.remove(stale)
+        else:
+            path = tempfile.mkdtemp(prefix="nanogrid-metrics-")
+            os.environ[MULTIPROC_ENV] = path
+            self._own_dir = True
+        self.dir = path
+
+    def start(self) -> bool:
+        """Serve the summed samples of every process; False if it cannot (the worker runs on)."""
+        if self.dir is None or self._server is not None:
+            return self._server is not None
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.dir)
+        try:
+            self._server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
+        except OSError as exc:  # metrics are an observer: the worker runs on without them
+            log.error(
+                "metrics endpoint could not start",
+                host=self.host,
+                port=self.port,
+                error=str(exc),
+            )
+            return False
+        log.info(
+            "metrics endpoint serving",
+            url=f"http://{self.host}:{self.port}/metrics",
+            dir=self.dir,
         )
-        return False
-    log.info(
-        "metrics endpoint serving",
-        extra={"fields": {"url": f"http://{host}:{port}/metrics", "dir": _dir}},
-    )
-    return True
+        return True
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._own_dir and self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
 
 
-@worker_ready.connect
-def _on_worker_ready(**_kw: Any) -> None:
-    settings = get_settings()
-    if settings.metrics_port > 0:
-        start_server(settings.metrics_port, settings.metrics_host)
-
-
-@worker_process_shutdown.connect
-def _on_process_shutdown(pid: int | None = None, **_kw: Any) -> None:
+def child_exited(pid: int) -> None:
     """A child leaving: its live gauges (pool) stop counting; its counters stay."""
     path = os.environ.get(MULTIPROC_ENV)
     if path and get_settings().metrics_port > 0:
-        multiprocess.mark_process_dead(pid or os.getpid(), path)
-
-
-@worker_shutdown.connect
-def _on_worker_shutdown(**_kw: Any) -> None:
-    global _server, _dir
-    if _server is not None:
-        _server.shutdown()
-        _server = None
-    if _own_dir and _dir:
-        shutil.rmtree(_dir, ignore_errors=True)
-    _dir = None
+        multiprocess.mark_process_dead(pid, path)

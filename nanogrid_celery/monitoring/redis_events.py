@@ -21,7 +21,6 @@ monitoring Redis (``events_broker_url``):
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -40,10 +39,11 @@ from celery.worker.pidbox import Pidbox
 from kombu.pidbox import Mailbox
 from kombu.utils.encoding import safe_str
 
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import get_settings
 from nanogrid_celery.monitoring.connection import monitoring_connection
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STOCK_CONTROL = "celery.worker.consumer.control:Control"
 REDIS_CONTROL = f"{__name__}:RedisControl"
@@ -88,13 +88,12 @@ class RedisEventsMixin:
         conn = monitoring_connection(events_url)
         try:
             conn.ensure_connection(max_retries=0)
-            log.info(
-                "sending Celery events to Redis", extra={"fields": {"url": _redact(events_url)}}
-            )
+            log.info("sending Celery events to Redis", url=_redact(events_url))
         except Exception as exc:  # events are an observer: never block the worker on them
             log.warning(
                 "events Redis unreachable; events are buffered until it is back",
-                extra={"fields": {"url": _redact(events_url), "error": str(exc)}},
+                url=_redact(events_url),
+                error=str(exc),
             )
         return conn
 
@@ -218,7 +217,8 @@ class RedisPidbox(Pidbox):
                 consumer.on_decode_error = _on_decode_error
                 log.info(
                     "remote control listening on Redis",
-                    extra={"fields": {"url": _redact(self.url), "node": self.hostname}},
+                    url=_redact(self.url),
+                    node=self.hostname,
                 )
                 backoff = 1.0
                 try:
@@ -230,7 +230,8 @@ class RedisPidbox(Pidbox):
             except Exception as exc:
                 log.warning(
                     "remote control over Redis unavailable; retrying",
-                    extra={"fields": {"error": str(exc), "retry_in_s": backoff}},
+                    error=str(exc),
+                    retry_in_s=backoff,
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX_S)

@@ -13,8 +13,6 @@ send is logged and further sends are skipped for :data:`BACKOFF_S`.
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 import time
 from typing import Any
@@ -23,29 +21,30 @@ from celery import current_app
 from celery.events import EventDispatcher
 from celery.signals import after_task_publish
 
+from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.common.perprocess import PerProcess
 from nanogrid_celery.config import get_settings
 from nanogrid_celery.monitoring.connection import monitoring_connection
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 BACKOFF_S = 30.0
 
 _lock = threading.Lock()
-_dispatcher: tuple[tuple[int, str], EventDispatcher] | None = None
 _skip_until = 0.0
+
+
+def _new_dispatcher(url: str) -> EventDispatcher:
+    return current_app.events.Dispatcher(
+        connection=monitoring_connection(url), enabled=True, buffer_while_offline=False
+    )
+
+
+_dispatchers: PerProcess[str, EventDispatcher] = PerProcess(_new_dispatcher)
 
 
 def _get_dispatcher(url: str) -> EventDispatcher:
     """One dispatcher per process and URL (rebuilt after a fork); call with ``_lock`` held."""
-    global _dispatcher
-    key = (os.getpid(), url)
-    if _dispatcher is None or _dispatcher[0] != key:
-        if _dispatcher is not None and _dispatcher[0][0] == key[0]:
-            _dispatcher[1].connection.release()  # same process, the URL changed
-        dispatcher = current_app.events.Dispatcher(
-            connection=monitoring_connection(url), enabled=True, buffer_while_offline=False
-        )
-        _dispatcher = (key, dispatcher)
-    return _dispatcher[1]
+    return _dispatchers.get(url)
 
 
 def sent_event_fields(
@@ -91,5 +90,6 @@ def _send_task_sent(
         _skip_until = time.monotonic() + BACKOFF_S
         log.warning(
             "could not send the task-sent event; skipping them for a while",
-            extra={"fields": {"error": str(exc), "skip_s": BACKOFF_S}},
+            error=str(exc),
+            skip_s=BACKOFF_S,
         )

@@ -14,95 +14,39 @@ owner is gone) from a sibling's live container.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
+from nanogrid_celery.common.identity import ProcessIdentity
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
+from nanogrid_celery.errors import DOCKER_ERRORS, ContainerStartFailed, wrap
 from nanogrid_celery.sandbox.cgroups import ContainerCgroup
+from nanogrid_celery.sandbox.executors import Executor
+from nanogrid_celery.sandbox.lease import Lease, LeaseState, ctl_dir
+from nanogrid_celery.sandbox.paths import SANDBOX_DIR
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 LABEL = "nanogrid"
-SANDBOX_DIR = "/sandbox"
-CODE_DIR = "/sandbox/code"
-STDIN_PATH = "/sandbox/stdin"
-# agent executor: a second, private host dir (0700, so the sandbox user cannot enter it) holds
-# the agent script and its socket; only root inside the container (the agent) can use it
-CTL_DIR = "/run/nanogrid"
-AGENT_SOURCE = Path(__file__).with_name("guest") / "agent.py"
-AGENT_COMMAND = ["python3", "-u", "-B", f"{CTL_DIR}/agent.py", "--kill-scope", "uid"]
-AGENT_READY_TIMEOUT = 10.0
-
-
-def process_start_time(pid: int) -> str:
-    """Start time of ``pid`` in clock ticks since boot: with the pid it names a process uniquely."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def owner_labels(settings: Settings) -> dict[str, str]:
-    pid = os.getpid()
+    me = ProcessIdentity.current()
     return {
         LABEL: "1",
         f"{LABEL}.instance": settings.instance,
-        f"{LABEL}.host": socket.gethostname(),
-        f"{LABEL}.pid": str(pid),
-        f"{LABEL}.pstart": process_start_time(pid),
+        f"{LABEL}.host": me.host,
+        f"{LABEL}.pid": str(me.pid),
+        f"{LABEL}.pstart": me.start,
     }
-
-
-@dataclass
-class Lease:
-    """A running container handed to one request at a time, plus what we know about it."""
-
-    container: Container
-    runtime: str
-    host_dir: Path
-    keep_pids: set[int]
-    cgroup: ContainerCgroup
-    init_pid: int
-    start: str = "warm"
-    uses: int = 0
-    created_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def id(self) -> str:
-        return self.container.id
-
-    @property
-    def short_id(self) -> str:
-        return self.container.id[:12]
-
-    @property
-    def code_dir(self) -> Path:
-        return self.host_dir / "code"
-
-    @property
-    def root_view(self) -> Path:
-        """The container's filesystem as seen from the host (for wiping tmpfs scratch)."""
-        return Path(f"/proc/{self.init_pid}/root")
-
-
-def ctl_dir(host_dir: Path) -> Path:
-    """The lease's control directory (agent script + socket), a sibling of its code dir."""
-    return host_dir.with_name(host_dir.name + ".ctl")
-
-
-def agent_socket(host_dir: Path) -> Path:
-    return ctl_dir(host_dir) / "agent.sock"
 
 
 def _remove_lease_dirs(host_dir: Path | str) -> None:
@@ -110,7 +54,9 @@ def _remove_lease_dirs(host_dir: Path | str) -> None:
     shutil.rmtree(ctl_dir(Path(host_dir)), ignore_errors=True)
 
 
-def create_kwargs(settings: Settings, runtime: str, host_dir: Path, role: str) -> dict:
+def create_kwargs(
+    settings: Settings, executor: Executor, runtime: str, host_dir: Path, role: str
+) -> dict:
     lim = settings.limits
     memory = lim.default_memory_mb * 1024 * 1024
     labels = owner_labels(settings) | {f"{LABEL}.runtime": runtime, f"{LABEL}.role": role}
@@ -136,71 +82,58 @@ def create_kwargs(settings: Settings, runtime: str, host_dir: Path, role: str) -
         "nano_cpus": int(lim.cpus * 1e9),
         "environment": {"HOME": "/tmp", "LANG": "C.UTF-8"},
     }
-    if settings.executor == "agent":  # root agent drops to the sandbox user: SETUID/SETGID only
-        kwargs["command"] = AGENT_COMMAND
-        kwargs["volumes"][str(ctl_dir(host_dir))] = {"bind": CTL_DIR, "mode": "rw"}
-        kwargs["cap_add"] = ["SETUID", "SETGID"]
+    extra = executor.container_options(host_dir)
+    kwargs["volumes"].update(extra.pop("volumes", {}))
+    kwargs.update(extra)
     return kwargs
 
 
 def create_container(
-    settings: Settings, client: docker.DockerClient, runtime: str, role: str = "pool"
+    settings: Settings,
+    client: docker.DockerClient,
+    executor: Executor,
+    runtime: str,
+    role: str = "pool",
 ) -> Lease:
-    """Create and start one hardened container with its own (empty) lease directory."""
+    """Create and start one hardened container with its own (empty) lease directory.
+
+    Raises :class:`ContainerStartFailed` (an InternalError: the run is retried on
+    another container) for anything Docker or the host refuses, and when the
+    executor's keeper does not come up; nothing is left behind either way.
+    """
     base = Path(settings.work_root) / settings.instance
     host_dir = base / uuid.uuid4().hex
-    (host_dir / "code").mkdir(parents=True, mode=0o755)
-    host_dir.chmod(0o755)
-    kwargs = create_kwargs(settings, runtime, host_dir, role)
-    agent = settings.executor == "agent"
-    try:
-        if agent:
-            _stage_agent(ctl_dir(host_dir))
-        container = client.containers.run(**kwargs)
-        container.reload()
-    except Exception:
-        _remove_lease_dirs(host_dir)
-        raise
-    (host_dir / "container").write_text(container.id)
-    init_pid = int(container.attrs["State"]["Pid"])
-    cgroup = ContainerCgroup(container.id)
-    keep: set[int] = set()
-    for _ in range(100):  # the keeper (sleep) appears a moment after init
-        keep = cgroup.procs()
-        if len(keep) >= 2:
-            break
-        time.sleep(0.005)
+    with wrap(ContainerStartFailed, "could not create a container"):
+        (host_dir / "code").mkdir(parents=True, mode=0o755)
+        host_dir.chmod(0o755)
+        kwargs = create_kwargs(settings, executor, runtime, host_dir, role)
+        try:
+            executor.prepare_host(host_dir)
+            container = client.containers.run(**kwargs)
+            container.reload()
+        except Exception:
+            _remove_lease_dirs(host_dir)
+            raise
+        (host_dir / "container").write_text(container.id)
+        init_pid = int(container.attrs["State"]["Pid"])
+        cgroup = ContainerCgroup(container.id)
+        keep: set[int] = set()
+        for _ in range(100):  # the keeper appears a moment after init
+            keep = cgroup.procs()
+            if len(keep) >= 2:
+                break
+            time.sleep(0.005)
     lease = Lease(container, runtime, host_dir, keep, cgroup, init_pid)
-    if agent and not _wait_for_agent(lease):
+    if not executor.wait_ready(lease):
         destroy(lease)
-        raise RuntimeError(f"agent in {lease.short_id} did not come up")
+        raise ContainerStartFailed(f"{executor.name} keeper in {lease.short_id} did not come up")
     return lease
-
-
-def _stage_agent(path: Path) -> None:
-    """Private control dir: root-only, so the sandbox user cannot reach the agent's socket."""
-    path.mkdir(mode=0o700)
-    path.chmod(0o700)
-    shutil.copyfile(AGENT_SOURCE, path / "agent.py")
-    (path / "agent.py").chmod(0o600)
-
-
-def _wait_for_agent(lease: Lease) -> bool:
-    """The agent renames its socket into place once it accepts (~30 ms of Python start-up)."""
-    sock = agent_socket(lease.host_dir)
-    deadline = time.monotonic() + AGENT_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if sock.exists():
-            return True
-        if lease.init_pid and not Path(f"/proc/{lease.init_pid}").exists():
-            return False
-        time.sleep(0.003)
-    return False
 
 
 def destroy(lease: Lease) -> None:
     """Remove the container and its lease directory; never raises."""
-    with contextlib.suppress(NotFound, APIError):
+    lease.to(LeaseState.DISCARDED)
+    with contextlib.suppress(NotFound, APIError, *DOCKER_ERRORS):
         lease.container.remove(force=True)
     _remove_lease_dirs(lease.host_dir)
 
@@ -210,9 +143,7 @@ def _owner_alive(labels: dict[str, str]) -> bool:
         pid = int(labels.get(f"{LABEL}.pid", "0"))
     except ValueError:
         return False
-    if pid <= 0 or not Path(f"/proc/{pid}").exists():
-        return False
-    return process_start_time(pid) == labels.get(f"{LABEL}.pstart", "")
+    return ProcessIdentity("", pid, labels.get(f"{LABEL}.pstart", "")).alive()
 
 
 def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
@@ -230,7 +161,7 @@ def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
             continue
         removed += _remove_with_dirs(container)
     if removed:
-        log.info("reaped orphan containers", extra={"fields": {"count": removed}})
+        log.info("reaped orphan containers", count=removed)
     return removed
 
 

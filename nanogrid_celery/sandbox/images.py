@@ -14,7 +14,6 @@ tag that :func:`image_exists` (and therefore the worker) would trust.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import re
@@ -36,6 +35,7 @@ from docker.utils import parse_repository_tag
 from rich.console import Console
 from rich.markup import escape
 
+from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
 
 __all__ = [
@@ -75,7 +75,7 @@ DPKG_EXCLUDES: tuple[str, ...] = (
 
 INSTALL_HINT = "install it with: apt-get install -y mmdebstrap"
 _STAGE_RE = re.compile(r"^([IWE]): (.*)$")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class ImageBuildError(RuntimeError):

@@ -13,11 +13,11 @@ def s3(monkeypatch):
     """In-process mocked S3 with bucket ``code``; clients and the submission cache reset."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    storage._client.cache_clear()
+    storage._clients.clear()
     storage.CACHE.clear()
     with mock_aws():
         settings = Settings(s3_endpoint_url="", s3_bucket="code")
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="code")
         yield settings
-    storage._client.cache_clear()
+    storage._clients.clear()
     storage.CACHE.clear()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from nanogrid_celery.sandbox.executors.agent import agent_call, agent_notify
-from nanogrid_celery.sandbox.executors.docker_exec import ENV
 from nanogrid_celery.sandbox.guest import agent as agent_module
+from nanogrid_celery.sandbox.paths import ENV
 
 AGENT = Path(agent_module.__file__)
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nanogrid_celery.sandbox import pool as pool_module
 from nanogrid_celery.config import Settings
+from nanogrid_celery.sandbox import pool as pool_module
+from nanogrid_celery.sandbox.lease import Lease, LeaseState
 from nanogrid_celery.sandbox.pool import WarmPool
 
 
@@ -34,6 +35,8 @@ class FakeLease:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     start: str = "warm"
     uses: int = 0
+    state: LeaseState = LeaseState.CREATED
+    to = Lease.to  # the real life-cycle checks
 
     @property
     def short_id(self) -> str:
@@ -45,7 +48,7 @@ def make_pool(monkeypatch):
     created: list[FakeLease] = []
     destroyed: list[FakeLease] = []
 
-    def create(settings, client, runtime, role="pool"):
+    def create(settings, client, executor, runtime, role="pool"):
         lease = FakeLease(runtime)
         created.append(lease)
         return lease
@@ -57,7 +60,7 @@ def make_pool(monkeypatch):
 
     def make(grace_ms: int) -> WarmPool:
         settings = Settings(pool_python=1, pool_cpp=0, pause_grace_ms=grace_ms)
-        pool = WarmPool(settings, client=None)
+        pool = WarmPool(settings, client=None, executor=None, reset=lambda lease: None)
         pool.start()
         assert pool.wait_ready(5)
         pool.created, pool.destroyed = created, destroyed

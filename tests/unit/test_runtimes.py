@@ -1,7 +1,7 @@
 import pytest
 
+from nanogrid_celery.errors import RunRejected
 from nanogrid_celery.execution.runtimes import CPP_BINARY, main_file_name, plan_for, resolve_runtime
-from nanogrid_celery.result import RunRejected
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nanogrid_celery.config import Settings
+from nanogrid_celery.errors import RunRejected
 from nanogrid_celery.execution import storage
-from nanogrid_celery.result import RunRejected
 
 
 def counts() -> tuple[int, int]:

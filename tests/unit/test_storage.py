@@ -7,8 +7,8 @@ import zipfile
 import pytest
 
 from nanogrid_celery.config import Limits, Settings
+from nanogrid_celery.errors import InternalError, RunRejected
 from nanogrid_celery.execution import storage
-from nanogrid_celery.result import InternalError, RunRejected
 
 
 def zipped(entries) -> bytes:
@@ -81,11 +81,11 @@ def test_zip_with_symlink_bomb_and_too_many_files():
 
 
 def test_s3_down_is_internal_error(monkeypatch):
-    storage._client.cache_clear()
+    storage._clients.clear()
     settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_bucket="code")
     with pytest.raises(InternalError, match="S3 unavailable"):
         storage.fetch_submission(settings, "python", "code", "x.py")
-    storage._client.cache_clear()
+    storage._clients.clear()
 
 
 def test_content_hash_is_stable_and_order_free():

@@ -39,7 +39,8 @@ from nanogrid_celery.middleware.tuning import (
     stats_for,
 )
 from nanogrid_celery.result import ExecutionResult, Status
-from nanogrid_celery.sandbox.executors.docker_exec import Outcome, RunLimits
+from nanogrid_celery.sandbox.limits import RunLimits
+from nanogrid_celery.sandbox.outcome import Outcome
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 POLICY = TunerPolicy(
@@ -198,7 +199,16 @@ def _settings(prefix: str, **kw) -> Settings:
 def _ctx(function: str, explicit: bool = False) -> RunContext:
     req = RunRequest("req-1", "python", "b", "k", memory_mb=300 if explicit else None)
     limits = RunLimits(10_000, (300 if explicit else 256) * MB, 128, 1 << 20, 1 << 20)
-    return RunContext(req, "python", function, limits, explicit_memory=explicit)
+    result = ExecutionResult("req-1", "python", Status.INTERNAL_ERROR)
+    return RunContext(
+        req, result, runtime="python", function=function, limits=limits, explicit_memory=explicit
+    )
+
+
+def _rejected_ctx() -> RunContext:
+    """A run rejected before its code was fetched: no function, no limits."""
+    req = RunRequest("req-x", "python", "b", "k")
+    return RunContext(req, ExecutionResult("req-x", "python", Status.REJECTED))
 
 
 def _result(status: Status, peak: int | None, limit: int) -> ExecutionResult:
@@ -282,7 +292,7 @@ def test_tuner_ignores_runs_without_a_measurement(rdb):
     mw.before_run(ctx)
     mw.after_run(ctx, _result(Status.COMPILE_ERROR, 500 * MB, 256 * MB))
     mw.after_run(ctx, _result(Status.INTERNAL_ERROR, None, 256 * MB))
-    mw.after_run(None, _result(Status.REJECTED, None, 256 * MB))
+    mw.after_run(_rejected_ctx(), _result(Status.REJECTED, None, 256 * MB))
     assert mw.store.history("fn") == []
 
 
@@ -337,13 +347,14 @@ def test_publisher_writes_stream_and_channel(rdb):
 def test_publisher_never_raises_when_redis_is_down():
     s = Settings(redis_url="redis://127.0.0.1:1/0")
     mw = ResultStreamMiddleware(s)
-    mw.after_run(None, ExecutionResult("req-x", "python", Status.SUCCESS))
+    mw.after_run(_rejected_ctx(), ExecutionResult("req-x", "python", Status.SUCCESS))
     assert mw.publisher.publish(ExecutionResult("req-x", "python", Status.SUCCESS)) is None
 
 
 def test_default_middleware_order_and_switches():
     names = [type(m).__name__ for m in default_middleware(Settings())]
-    assert names.index("TunerMiddleware") < names.index("ResultStreamMiddleware")
+    after_order = names[::-1]  # Hooks.emit_after runs after-hooks in reverse order
+    assert after_order.index("TunerMiddleware") < after_order.index("ResultStreamMiddleware")
     off = Settings(tuner_enabled=False, events_enabled=False)
     off_names = {type(m).__name__ for m in default_middleware(off)}
     assert not off_names & {"TunerMiddleware", "ResultStreamMiddleware"}

@@ -1,0 +1,97 @@
+"""A container's life as a lease, with explicit states (as piston's ``job.js`` does for a job).
+
+::
+
+    created ──▶ released (idle in the warm pool) ──▶ acquired ──▶ running ──▶ resetting
+       │              ▲                                 │            │            │
+       │              └─────────────────────────────────┴────────────┴────────────┘
+       └──────────────────────────────▶ discarded (destroyed, never reused) ◀──── any
+
+Every hand-over goes through :meth:`Lease.to`, which refuses a transition the
+diagram does not have: a container that is mid-reset can never be handed to a
+run, and a discarded one never comes back. The pool owns ``released`` /
+``acquired`` / ``discarded``; the sandbox owns ``running`` / ``resetting``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from docker.models.containers import Container
+
+from nanogrid_celery.errors import InternalError
+from nanogrid_celery.sandbox.cgroups import ContainerCgroup
+
+
+class LeaseState(StrEnum):
+    CREATED = "created"
+    RELEASED = "released"
+    ACQUIRED = "acquired"
+    RUNNING = "running"
+    RESETTING = "resetting"
+    DISCARDED = "discarded"
+
+
+_ALLOWED: dict[LeaseState, set[LeaseState]] = {
+    LeaseState.CREATED: {LeaseState.RELEASED, LeaseState.ACQUIRED},
+    LeaseState.RELEASED: {LeaseState.ACQUIRED},
+    LeaseState.ACQUIRED: {LeaseState.RUNNING, LeaseState.RELEASED},
+    LeaseState.RUNNING: {LeaseState.RESETTING, LeaseState.RUNNING, LeaseState.RELEASED},
+    LeaseState.RESETTING: {LeaseState.RELEASED},
+    LeaseState.DISCARDED: set(),
+}
+
+
+class LeaseStateError(InternalError):
+    """A hand-over the life cycle does not allow (a bug of ours, never the program's)."""
+
+
+@dataclass(eq=False)
+class Lease:
+    """A running container handed to one request at a time, plus what we know about it."""
+
+    container: Container
+    runtime: str
+    host_dir: Path
+    keep_pids: set[int]
+    cgroup: ContainerCgroup
+    init_pid: int
+    start: str = "warm"
+    uses: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    state: LeaseState = LeaseState.CREATED
+
+    def to(self, state: LeaseState) -> None:
+        """Move to ``state``; anything may be discarded, other moves follow the diagram."""
+        if state != LeaseState.DISCARDED and state not in _ALLOWED[self.state]:
+            raise LeaseStateError(f"lease {self.short_id}: cannot go from {self.state} to {state}")
+        self.state = state
+
+    @property
+    def id(self) -> str:
+        return self.container.id
+
+    @property
+    def short_id(self) -> str:
+        return self.container.id[:12]
+
+    @property
+    def code_dir(self) -> Path:
+        return self.host_dir / "code"
+
+    @property
+    def ctl_dir(self) -> Path:
+        return ctl_dir(self.host_dir)
+
+    @property
+    def root_view(self) -> Path:
+        """The container's filesystem as seen from the host (for wiping tmpfs scratch)."""
+        return Path(f"/proc/{self.init_pid}/root")
+
+
+def ctl_dir(host_dir: Path) -> Path:
+    """The lease's control directory (agent script + socket), a sibling of its code dir."""
+    return host_dir.with_name(host_dir.name + ".ctl")
