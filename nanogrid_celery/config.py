@@ -80,8 +80,15 @@ class Settings:
     python_image: str = "nanogrid-python:latest"
     cpp_image: str = "nanogrid-cpp:latest"
     pool_enabled: bool = True
-    pool_python: int = 2
+    pool_python: int = 2  # the minimum kept warm per worker process
     pool_cpp: int = 1
+    # demand-sized pools (sandbox/demand.py): grow to recent peak concurrency, decay after the TTL;
+    # max 0 = auto: the process's task slots under -P threads, else the minimum (prefork: fixed)
+    pool_max_python: int = 0
+    pool_max_cpp: int = 0
+    pool_idle_ttl_s: float = 60.0
+    pool_host_max_containers: int = 64  # host-wide, all worker processes; 0 = no cap
+    pool_host_max_memory_mb: int = 0  # sum of container memory limits; 0 = half the host's RAM
     # fast path (issue 4): "agent" runs through the in-container agent, "exec" via docker exec
     executor: str = "agent"
     agent_zygote: bool = True  # python runs fork from a warm interpreter instead of exec'ing one
@@ -133,6 +140,17 @@ class Settings:
         if not self.pool_enabled:
             return 0
         return self.pool_python if runtime == "python" else self.pool_cpp
+
+    def pool_max(self, runtime: str, threads: int = 0) -> int:
+        """Most warm containers one process keeps: explicit, else its task threads, else the min.
+
+        ``threads`` is how many tasks this process runs at once under ``-P threads``
+        (0 for prefork children and solo, which run one: their pools stay fixed).
+        """
+        explicit = self.pool_max_python if runtime == "python" else self.pool_max_cpp
+        if not self.pool_enabled:
+            return 0
+        return max(self.pool_size(runtime), explicit if explicit > 0 else threads)
 
     def s3_credentials(self) -> dict[str, str]:
         """Explicit keys if set; "test" keys for a local emulator; else boto3's own chain."""

@@ -34,6 +34,12 @@ class PerProcess(Generic[K, V]):
                 entry = self._items[key] = (pid, self._factory(key))
             return entry[1]
 
+    def peek(self, key: K) -> V | None:
+        """This process's object for ``key`` if it exists; never builds one."""
+        with self._lock:
+            entry = self._items.get(key)
+        return entry[1] if entry is not None and entry[0] == os.getpid() else None
+
     def pop(self, key: K) -> V | None:
         """Forget ``key``; returns the object if this process built it (to close it)."""
         with self._lock:

@@ -51,12 +51,15 @@ class Runner:
         executor: Executor | None = None,
         pool: WarmPool | ColdPool | None = None,
         fetch: Fetch = fetch_submission,
+        threads: int = 0,
     ) -> None:
         self.settings = settings
         self._client = client
         self.executor = executor or get_executor(settings.executor, settings, self.client)
         self.sandbox = Sandbox(settings, self.executor)
-        self.pool = pool or make_pool(settings, self.client, self.executor, self.sandbox.reset)
+        self.pool = pool or make_pool(
+            settings, self.client, self.executor, self.sandbox.reset, threads=threads
+        )
         self.fetch = fetch
         self.hooks = Hooks(default_middleware(settings) if middleware is None else middleware)
         me = ProcessIdentity.current()

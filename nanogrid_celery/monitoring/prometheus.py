@@ -74,6 +74,7 @@ class Metrics:
     total: Histogram
     pool: Gauge
     pool_target: Gauge
+    pool_resizes: Counter
 
 
 def _create() -> Metrics:
@@ -125,9 +126,14 @@ def _create() -> Metrics:
         ),
         pool_target=Gauge(
             "nanogrid_pool_target",
-            "Idle containers the pools aim for.",
+            "Containers the pools keep warm (sized to recent demand, see sandbox/demand.py).",
             ["runtime"],
             multiprocess_mode="livesum",
+        ),
+        pool_resizes=Counter(
+            "nanogrid_pool_resizes",
+            "Containers the pools grew by (demand) or shrank by (idle TTL).",
+            ["runtime", "direction"],
         ),
     )
 
@@ -178,13 +184,22 @@ def observe(result: ExecutionResult) -> None:
             hist.labels(*labels).observe(seconds)
 
 
+_resizes_seen: dict[tuple[str, str], int] = {}
+
+
 def sample_pool(pool: WarmPool) -> None:
     """Copy the pool's current state into the gauges of this process."""
     m = _metrics()
-    for rt, counts in pool.states().items():
-        for state, n in counts.items():
-            m.pool.labels(rt, state).set(n)
-        m.pool_target.labels(rt).set(pool.settings.pool_size(rt))
+    for rt, figures in pool.stats().items():
+        for state in ("idle", "busy", "starting"):
+            m.pool.labels(rt, state).set(figures.get(state, 0))
+        m.pool_target.labels(rt).set(figures.get("target", 0))
+        for direction, key in (("grow", "grown"), ("shrink", "shrunk")):
+            seen = _resizes_seen.get((rt, direction), 0)
+            now = figures.get(key, 0)
+            if now > seen:
+                m.pool_resizes.labels(rt, direction).inc(now - seen)
+                _resizes_seen[(rt, direction)] = now
 
 
 class PoolSampler:

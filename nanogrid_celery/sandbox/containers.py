@@ -165,6 +165,16 @@ def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
     return removed
 
 
+def count_host_containers(client: docker.DockerClient) -> int:
+    """How many NanoGrid containers run on this host, every instance and process included."""
+    filters = {"label": [f"{LABEL}=1", f"{LABEL}.host={socket.gethostname()}"]}
+    try:
+        return len(client.containers.list(all=True, filters=filters, ignore_removed=True))
+    except DOCKER_ERRORS as exc:
+        log.warning("could not count this host's containers: %s", exc)
+        return 0
+
+
 def _mounted_dir(container: Container) -> str | None:
     for mount in container.attrs.get("Mounts", []):
         if mount.get("Destination") == SANDBOX_DIR:

@@ -29,15 +29,18 @@ import docker
 from docker.errors import APIError, NotFound
 
 from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.common.units import MB
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import DockerUnavailable, wrap
 from nanogrid_celery.execution.runtimes import RUNTIMES
 from nanogrid_celery.sandbox.containers import (
+    count_host_containers,
     create_container,
     destroy,
     reap_orphans,
     remove_owned,
 )
+from nanogrid_celery.sandbox.demand import Demand, HostBudget, host_memory_bytes
 from nanogrid_celery.sandbox.executors import Executor
 from nanogrid_celery.sandbox.lease import Lease, LeaseState
 
@@ -67,11 +70,24 @@ class WarmPool:
         client: docker.DockerClient,
         executor: Executor,
         reset: Reset,
+        threads: int = 0,
+        budget: HostBudget | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.executor = executor
         self.reset = reset
+        self.demand = {
+            rt: Demand(
+                settings.pool_size(rt), settings.pool_max(rt, threads), settings.pool_idle_ttl_s
+            )
+            for rt in RUNTIMES
+        }
+        self.budget = budget or default_budget(settings, client)
+        self.events: dict[str, dict[str, int]] = {
+            rt: dict.fromkeys(("warm", "cold", "grown", "shrunk"), 0) for rt in RUNTIMES
+        }
+        self._sizer: threading.Thread | None = None
         self._idle: dict[str, deque[Lease]] = {rt: deque() for rt in RUNTIMES}
         self._lock = threading.Lock()
         self._busy: dict[str, Lease] = {}
@@ -97,6 +113,9 @@ class WarmPool:
             for _ in range(self.settings.pool_size(runtime)):
                 futures.append(self._schedule_fill(runtime))
         wait(futures, timeout=wait_seconds)
+        if any(d.maximum > d.minimum for d in self.demand.values()):
+            self._sizer = threading.Thread(target=self._size_loop, name="pool-sizer", daemon=True)
+            self._sizer.start()
         log.info("warm pool started", **self.sizes())
 
     def _schedule_fill(self, runtime: str):
@@ -124,7 +143,7 @@ class WarmPool:
             with self._lock:
                 self._pending[runtime] -= 1
         with self._lock:
-            if not self._closed and len(self._idle[runtime]) < self.settings.pool_size(runtime):
+            if not self._closed and self._count(runtime) < self.demand[runtime].target:
                 lease.to(LeaseState.RELEASED)
                 self._idle[runtime].append(lease)
                 return
@@ -185,6 +204,9 @@ class WarmPool:
         lease.start = start
         lease.to(LeaseState.ACQUIRED)
         self._mark_busy(lease)
+        with self._lock:
+            self.events[lease.runtime][start] += 1
+            self._observe(lease.runtime)
         self._top_up(lease.runtime)
         log.info(
             message,
@@ -232,7 +254,10 @@ class WarmPool:
         lease.to(LeaseState.RELEASED)
         with self._lock:
             self._busy.pop(lease.id, None)
-            full = len(self._idle[rt]) + self._pausing[rt] >= self.settings.pool_size(rt)
+            full = self._count(rt) >= self.demand[rt].target
+            grows = not full and self._count(rt) >= self.demand[rt].minimum
+        if not full and grows and not self.budget.allows_more():
+            full = True  # host-wide cap reached: this one is not kept
         if full or self._closed:
             self._bg_destroy(lease)
             return
@@ -342,15 +367,75 @@ class WarmPool:
         if self._closed:
             return
         with self._lock:
-            missing = (
-                self.settings.pool_size(runtime)
-                - len(self._idle[runtime])
-                - self._pausing[runtime]
-                - self._pending[runtime]
-                - sum(1 for le in self._busy.values() if le.runtime == runtime)
-            )
+            missing = self.demand[runtime].minimum - self._count(runtime)
         for _ in range(max(0, missing)):
             self._schedule_fill(runtime)
+
+    # -- sizing to demand (sandbox/demand.py) --------------------------------------------
+    def _count(self, runtime: str) -> int:
+        """Containers of ``runtime`` this pool holds or is making; call with the lock held."""
+        busy = sum(1 for le in self._busy.values() if le.runtime == runtime)
+        return len(self._idle[runtime]) + self._pausing[runtime] + self._pending[runtime] + busy
+
+    def _observe(self, runtime: str) -> None:
+        """Feed the demand tracker; call with the lock held."""
+        busy = sum(1 for le in self._busy.values() if le.runtime == runtime)
+        before = self.demand[runtime].target
+        self.demand[runtime].observe(busy)
+        if self.demand[runtime].target > before:
+            self.events[runtime]["grown"] += self.demand[runtime].target - before
+
+    def target(self, runtime: str) -> int:
+        return self.demand[runtime].target
+
+    def _size_loop(self) -> None:
+        """Background: decay targets after the idle TTL and destroy the idle surplus."""
+        interval = max(0.5, min(5.0, self.settings.pool_idle_ttl_s / 4))
+        while True:
+            try:
+                self.budget.refresh()
+            except Exception as exc:  # the count is advisory; growth uses the last one
+                log.debug("host budget refresh failed: %s", exc)
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(interval)
+                if self._closed:
+                    return
+                surplus: list[Lease] = []
+                for rt in RUNTIMES:
+                    self._observe(rt)
+                    extra = self._count(rt) - self.demand[rt].target
+                    while extra > 0 and self._idle[rt]:
+                        lease = self._idle[rt].popleft()  # the longest-idle (paused) first
+                        self._awake.pop(lease.id, None)
+                        surplus.append(lease)
+                        extra -= 1
+                    if surplus:
+                        self.events[rt]["shrunk"] += sum(1 for le in surplus if le.runtime == rt)
+            for lease in surplus:
+                log.info(
+                    "pool shrunk to demand",
+                    container=lease.short_id,
+                    runtime=lease.runtime,
+                    target=self.demand[lease.runtime].target,
+                )
+                destroy(lease)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per runtime: states, target/min/max and warm/cold/grown/shrunk counts since start."""
+        states = self.states()
+        with self._lock:
+            return {
+                rt: {
+                    **states[rt],
+                    "target": self.demand[rt].target,
+                    "min": self.demand[rt].minimum,
+                    "max": self.demand[rt].maximum,
+                    **self.events[rt],
+                }
+                for rt in RUNTIMES
+            }
 
     # -- introspection ---------------------------------------------------------
     def sizes(self) -> dict[str, int]:
@@ -371,7 +456,7 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sizes = self.sizes()
-            if all(sizes[rt] >= self.settings.pool_size(rt) for rt in RUNTIMES):
+            if all(sizes[rt] >= self.demand[rt].minimum for rt in RUNTIMES):
                 return True
             time.sleep(0.05)
         return False
@@ -437,10 +522,32 @@ class ColdPool:
     def wait_ready(self, timeout: float = 10.0) -> bool:
         return True
 
+    def target(self, runtime: str) -> int:
+        return 0
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {rt: {**s, "target": 0, "min": 0, "max": 0} for rt, s in self.states().items()}
+
+
+def default_budget(settings: Settings, client: docker.DockerClient) -> HostBudget:
+    """The host-wide cap from settings, counting this host's NanoGrid containers in Docker."""
+    memory = settings.pool_host_max_memory_mb * MB or host_memory_bytes() // 2
+    return HostBudget(
+        settings.pool_host_max_containers,
+        memory,
+        settings.limits.default_memory_mb * MB,
+        lambda: count_host_containers(client),
+    )
+
 
 def make_pool(
-    settings: Settings, client: docker.DockerClient, executor: Executor, reset: Reset
+    settings: Settings,
+    client: docker.DockerClient,
+    executor: Executor,
+    reset: Reset,
+    threads: int = 0,
 ) -> WarmPool | ColdPool:
     """The warm pool, or the cold one when ``NANOGRID_POOL_ENABLED`` is off."""
-    cls = WarmPool if settings.pool_enabled else ColdPool
-    return cls(settings, client, executor, reset)
+    if not settings.pool_enabled:
+        return ColdPool(settings, client, executor, reset)
+    return WarmPool(settings, client, executor, reset, threads=threads)

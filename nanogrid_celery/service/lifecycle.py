@@ -16,8 +16,8 @@ Main process - :class:`NanoGridStep`, a bootstep in the worker blueprint
 Every pool child (prefork ``worker_process_init``): logging, then the runner
 (Docker client, warm pool) - after the fork, because a Docker client must not
 cross it; at child exit its containers are removed and its live metrics
-marked dead. Solo/threads pools have no children: their runner is built on
-the first task and removed at ``worker_shutdown``.
+marked dead. Solo/threads pools have no children: the bootstep builds their runner in the
+main process once the pool has started, and ``worker_shutdown`` removes it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from nanogrid_celery.delivery.visibility import (
     is_sqs,
 )
 from nanogrid_celery.monitoring.prometheus import MetricsServer, child_exited
+from nanogrid_celery.service import status
+from nanogrid_celery.service import worker as service_worker
 from nanogrid_celery.service.worker import get_runner, shutdown_runner
 
 log = get_logger(__name__)
@@ -62,6 +64,10 @@ class NanoGridStep(bootsteps.StartStopStep):
         self.metrics.prepare()  # 2: before the pool forks (the Pool step starts after us)
         setup_dead_letter_queue(settings)  # 3
         self.heartbeat = VisibilityHeartbeat(settings) if is_sqs(settings) else None
+        pool_name = f"{getattr(worker.pool_cls, '__module__', '')}.{worker.pool_cls}"
+        self.forks = "prefork" in pool_name  # else tasks run in this process (threads, solo)
+        if "thread" in pool_name:  # many tasks in this one process: let its pool grow to them
+            service_worker.task_threads = int(worker.concurrency or 1)
         if self.heartbeat is not None:
             task_received.connect(self._track, weak=False)
 
@@ -70,6 +76,8 @@ class NanoGridStep(bootsteps.StartStopStep):
             self.heartbeat.track(request)
 
     def start(self, worker: Any) -> None:  # 4
+        if not self.forks:  # threads/solo: this process runs the tasks; warm its pool now
+            get_runner()
         if self.heartbeat is not None:
             self.heartbeat.start()
         self.metrics.start()
@@ -81,6 +89,12 @@ class NanoGridStep(bootsteps.StartStopStep):
             task_received.disconnect(self._track)
 
     shutdown = stop
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        """``celery inspect stats``: pool sizes, targets and warm/cold/grow/shrink counts."""
+        runner = service_worker.current_runner()  # -P threads / solo: the pool is right here
+        pools = runner.pool.stats() if runner is not None else status.collect(get_settings())
+        return {"nanogrid": {"pools": pools, "task_threads": service_worker.task_threads}}
 
 
 def _configure_logging(**_kw: Any) -> None:

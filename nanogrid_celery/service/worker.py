@@ -14,12 +14,18 @@ import atexit
 from nanogrid_celery.common.perprocess import PerProcess
 from nanogrid_celery.config import get_settings
 from nanogrid_celery.execution.runner import Runner
+from nanogrid_celery.service import status
+
+#: tasks this process runs at once under ``-P threads`` (set by the lifecycle bootstep;
+#: 0 = prefork child or solo: one at a time). Demand-sized pools grow up to it.
+task_threads = 0
 
 
 def _build(_key: str) -> Runner:
-    runner = Runner(get_settings())
+    runner = Runner(get_settings(), threads=task_threads)
     runner.start()
     atexit.register(shutdown_runner)
+    status.start_publisher(runner.settings, runner.pool)
     return runner
 
 
@@ -28,6 +34,11 @@ _runners: PerProcess[str, Runner] = PerProcess(_build)
 
 def get_runner() -> Runner:
     return _runners.get("runner")
+
+
+def current_runner() -> Runner | None:
+    """This process's runner if it has been built (inspect stats must not build one)."""
+    return _runners.peek("runner")
 
 
 def shutdown_runner() -> None:

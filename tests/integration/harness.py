@@ -22,12 +22,15 @@ LOG_DIR = REPO / ".run" / "test-logs"
 class WorkerProcess:
     """One worker with its own queue and instance label, so tests never share containers."""
 
-    def __init__(self, name: str, concurrency: int = 1, **env: str | int) -> None:
+    def __init__(
+        self, name: str, concurrency: int = 1, pool: str = "prefork", **env: str | int
+    ) -> None:
         uid = uuid.uuid4().hex[:6]
         self.name = f"{name}-{uid}"
         self.instance = f"{os.environ['NANOGRID_INSTANCE']}-{name}-{uid}"
         self.queue = f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
         self.concurrency = concurrency
+        self.pool = pool  # celery's -P: prefork (a pool per child) or threads (one shared pool)
         self.env = {
             **os.environ,
             "NANOGRID_INSTANCE": self.instance,
@@ -45,7 +48,8 @@ class WorkerProcess:
             return 0
         py = int(self.env.get("NANOGRID_POOL_PYTHON", 2))
         cpp = int(self.env.get("NANOGRID_POOL_CPP", 1))
-        return self.concurrency * (py + cpp)
+        processes = self.concurrency if self.pool == "prefork" else 1
+        return processes * (py + cpp)
 
     def start(self, timeout: float = 60) -> WorkerProcess:
         log = self.log_path.open("w")
@@ -59,6 +63,7 @@ class WorkerProcess:
                 "worker",
                 "--loglevel=INFO",
                 f"--concurrency={self.concurrency}",
+                f"--pool={self.pool}",
                 "-n",
                 f"{self.name}@%h",
             ],

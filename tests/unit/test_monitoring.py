@@ -83,14 +83,15 @@ def test_observe_reads_optional_fields_defensively():
 
 
 def test_sample_pool_copies_each_state():
-    pool = SimpleNamespace(
-        states=lambda: {"python": {"idle": 2, "busy": 1, "starting": 0}},
-        settings=SimpleNamespace(pool_size=lambda rt: 3),
-    )
+    figures = {"idle": 2, "busy": 1, "starting": 0, "target": 3, "grown": 2, "shrunk": 0}
+    pool = SimpleNamespace(stats=lambda: {"python": figures})
+    grew = sample("nanogrid_pool_resizes_total", runtime="python", direction="grow") or 0
     metrics.sample_pool(pool)
     assert sample("nanogrid_pool_containers", runtime="python", state="idle") == 2
     assert sample("nanogrid_pool_containers", runtime="python", state="busy") == 1
     assert sample("nanogrid_pool_target", runtime="python") == 3
+    metrics.sample_pool(pool)  # the same figures again: counted once
+    assert sample("nanogrid_pool_resizes_total", runtime="python", direction="grow") == grew + 2
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pool's pause grace period, with fake containers (no Docker)."""
+"""The warm pool with fake containers (no Docker): pause grace, demand sizing, host cap."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from nanogrid_celery.config import Settings
 from nanogrid_celery.sandbox import pool as pool_module
+from nanogrid_celery.sandbox.demand import Demand, HostBudget
 from nanogrid_celery.sandbox.lease import Lease, LeaseState
 from nanogrid_celery.sandbox.pool import WarmPool
 
@@ -58,9 +59,16 @@ def make_pool(monkeypatch):
     monkeypatch.setattr(pool_module, "reap_orphans", lambda settings, client: 0)
     pools: list[WarmPool] = []
 
-    def make(grace_ms: int) -> WarmPool:
-        settings = Settings(pool_python=1, pool_cpp=0, pause_grace_ms=grace_ms)
-        pool = WarmPool(settings, client=None, executor=None, reset=lambda lease: None)
+    def make(grace_ms: int, threads: int = 0, budget=None, **kw) -> WarmPool:
+        settings = Settings(pool_python=1, pool_cpp=0, pause_grace_ms=grace_ms, **kw)
+        pool = WarmPool(
+            settings,
+            client=None,
+            executor=None,
+            reset=lambda lease: None,
+            threads=threads,
+            budget=budget or HostBudget(0, 0, 0, lambda: 0),
+        )
         pool.start()
         assert pool.wait_ready(5)
         pool.created, pool.destroyed = created, destroyed
@@ -124,3 +132,72 @@ def test_shutdown_destroys_containers_being_paused(make_pool):
     threading.Thread(target=lambda: (pool.shutdown(), done.set())).start()
     assert done.wait(10)
     assert lease in pool.destroyed
+
+
+# -- sized to demand ------------------------------------------------------------------
+def _burst(pool: WarmPool, n: int) -> list:
+    leases = [pool.acquire("python") for _ in range(n)]
+    for lease in leases:
+        pool.release(lease)
+    return leases
+
+
+def _wait_for(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_prefork_pool_stays_at_its_size():
+    demand = Demand(minimum=2, maximum=Settings(pool_python=2).pool_max("python"), ttl_s=60)
+    demand.observe(16)
+    assert demand.target == 2, "a prefork child (no task threads) keeps today's fixed size"
+
+
+def test_threaded_pool_keeps_what_the_last_burst_needed(make_pool):
+    pool = make_pool(grace_ms=10_000, threads=4, pool_idle_ttl_s=60)
+    first = _burst(pool, 4)
+    assert [le.start for le in first].count("cold") == 3
+    assert pool.sizes()["python"] == 4 and pool.target("python") == 4
+    second = _burst(pool, 4)
+    assert [le.start for le in second].count("cold") == 0, "the second burst is all warm"
+    stats = pool.stats()["python"]
+    assert (stats["warm"], stats["cold"], stats["max"]) == (5, 3, 4)
+
+
+def test_threaded_pool_never_grows_past_its_max(make_pool):
+    pool = make_pool(grace_ms=10_000, threads=2)
+    _burst(pool, 5)
+    assert pool.sizes()["python"] == 2 and len(pool.destroyed) == 3
+
+
+def test_idle_pool_decays_to_its_minimum_after_the_ttl(make_pool):
+    pool = make_pool(grace_ms=10_000, threads=4, pool_idle_ttl_s=0.5)
+    _burst(pool, 4)
+    assert pool.sizes()["python"] == 4
+    assert _wait_for(lambda: pool.sizes()["python"] == 1), pool.stats()
+    assert pool.stats()["python"]["shrunk"] == 3 and pool.target("python") == 1
+
+
+def test_host_cap_bounds_growth(make_pool):
+    live: list[WarmPool] = []  # the host's count, as Docker would report it
+    budget = HostBudget(2, 0, 0, count=lambda: len(live[0].created) - len(live[0].destroyed))
+    pool = make_pool(grace_ms=10_000, threads=8, budget=budget)
+    live.append(pool)
+    budget.refresh()
+    _burst(pool, 6)
+    assert pool.sizes()["python"] <= 2
+
+
+def test_demand_decay_follows_the_present():
+    d = Demand(minimum=1, maximum=10, ttl_s=5)
+    d.observe(8, now=100.0)
+    d.observe(2, now=103.0)
+    assert d.target == 8
+    d.observe(2, now=106.0)
+    assert d.target == 2
+    d.observe(0, now=112.0)
+    assert d.target == 1
