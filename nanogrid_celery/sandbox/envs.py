@@ -302,6 +302,11 @@ class PipBuilder:
         common = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
         download = [self.python, "-m", "pip", "download", *common, *tags, "--dest", str(wheels)]
         self._pip([*download, *self._sources(), "-r", str(reqfile)], requirements, deadline, True)
+        limit_mb = self.settings.deps_max_env_mb
+        if _tree_bytes(wheels) > limit_mb * 1024 * 1024:  # before unpacking it, too
+            raise DependencyError(
+                f"the wheels for {', '.join(requirements)} are over the {limit_mb} MB limit"
+            )
         install = [self.python, "-m", "pip", "install", *common, *tags, "--no-index"]
         install += ["--find-links", str(wheels), "--target", str(site), "--no-warn-script-location"]
         self._pip([*install, "-r", str(reqfile)], requirements, deadline, False)

@@ -331,3 +331,16 @@ def test_no_requirements_or_only_comments_means_no_environment(tmp_path):
     result = runner.execute(_req())
     assert result.status == Status.SUCCESS and result.deps_env is None
     assert runner.executor.steps[0].env is None
+
+
+def test_downloads_over_the_size_limit_are_refused_before_install(tmp_path):
+    idx = LocalIndex(tmp_path / "index")
+    idx.add("ngbig", "1.0", padding=2 * MB)
+    idx.start()
+    try:
+        store = EnvStore(_settings(tmp_path, pip_index_url=idx.url, deps_max_env_mb=1))
+        with pytest.raises(DependencyError, match="wheels for ngbig are over the 1 MB limit"):
+            store.acquire(["ngbig"], TARGET)
+        assert list((store.root / ".tmp").iterdir()) == []
+    finally:
+        idx.stop()
