@@ -12,6 +12,10 @@ Run by ``python -m benchmarks.run`` after the agent mode (or alone with
   alike: ``import`` of the env's packages vs a plain ``print``. Goal:
   with/without p50 <= 1.5x.
 
+Measured (2 cores, a qemu VM running alongside): build of a new two-wheel set
+p50 902 ms; warm p50 with/without: client latency 33.0/32.2 ms (1.02x), worker
+total 7.8/6.1 ms (1.28x), program 2.9/2.0 ms; a built env is found in 0.1 ms.
+
 The section it writes into ``benchmarks/RESULTS.md`` sits between
 ``<!-- deps:start -->`` and ``<!-- deps:end -->`` (replaced on each run).
 """
@@ -139,7 +143,7 @@ def markdown(s: dict[str, Any]) -> str:
     ]
     for label, key in (("build (`deps_ms`)", "build_ms"), ("whole run (client)", "latency_ms")):
         d = first[key]
-        lines.append(f"| {label} | {d['p50']} | {d['p95']} | {d['max']} | {d['n']} |")
+        lines.append(f"| {label} | {_f(d['p50'])} | {_f(d['p95'])} | {_f(d['max'])} | {d['n']} |")
     lines += [
         "",
         "| warm runs (ms) | latency p50 | latency p95 | worker total p50 | program p50 | runs |",
@@ -148,8 +152,9 @@ def markdown(s: dict[str, Any]) -> str:
     for name, label in (("with_deps", "with deps (import 2 packages)"), ("without", "without")):
         d = warm[name]
         lines.append(
-            f"| {label} | {d['latency_ms']['p50']} | {d['latency_ms']['p95']} | "
-            f"{d['total_ms']['p50']} | {d['duration_ms']['p50']} | {d['latency_ms']['n']} |"
+            f"| {label} | {_f(d['latency_ms']['p50'])} | {_f(d['latency_ms']['p95'])} | "
+            f"{_f(d['total_ms']['p50'])} | {_f(d['duration_ms']['p50'])} | "
+            f"{d['latency_ms']['n']} |"
         )
     ok = ratios["latency_ms"] is not None and ratios["latency_ms"] <= GOAL
     lines += [
@@ -161,6 +166,10 @@ def markdown(s: dict[str, Any]) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def write(summary: dict[str, Any], out_dir: Path, results_md: Path | None) -> list[Path]:

@@ -35,6 +35,11 @@ lock file that someone waits on is the classic flock race).
 Eviction: after each build, while all environments together exceed
 ``NANOGRID_DEPS_CACHE_MB``, the least recently used one not in use goes (last
 use is the mtime of its ``meta.json``, touched on every acquire: one syscall).
+
+Measured (benchmarks/deps.py, 2 cores, a VM running alongside): a new
+two-wheel set builds in ~0.9 s p50 from a local index (six + attrs from the
+host's index: 3.6 s); finding a built one takes 0.1 ms; warm runs with an
+environment vs without: client p50 33.0 vs 32.2 ms (1.02x), worker 7.8 vs 6.1 ms.
 """
 
 from __future__ import annotations
