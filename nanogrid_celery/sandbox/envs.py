@@ -134,7 +134,9 @@ def env_mount(settings: Settings, runtime: str) -> dict[str, dict[str, str]]:
     if runtime != "python" or not settings.deps_enabled:
         return {}
     root = env_root(settings)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o711)  # as EnvStore leaves it: reach a known key, list none
     return {str(root): {"bind": ENVS_MOUNT, "mode": "ro"}}
 
 
@@ -449,7 +451,7 @@ class TargetProbe:
         major, minor, glibc, machine = out.decode().split()
         platform = f"manylinux_{glibc.replace('.', '_')}_{machine}"
         target = Target(image_id, f"{major}.{minor}", platform)
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(target.__dict__))
         os.rename(tmp, cache)
