@@ -1,6 +1,7 @@
 """End-to-end latency and throughput: container per task vs warm ``docker exec`` vs the agent.
 
     python -m benchmarks.run [--quick] [--modes cold,exec,agent] [--out DIR] [--results FILE]
+                             [--deps yes|no|only]
 
 Every number goes through the real stack: the client uploads to S3 (moto),
 enqueues on SQS (moto), a real ``celery worker`` (default concurrency) runs the
@@ -217,13 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown summary to write (default: benchmarks/RESULTS.md for full runs of all "
         "modes, none for --quick or subsets)",
     )
+    parser.add_argument(
+        "--deps",
+        choices=("yes", "no", "only"),
+        default="yes",
+        help="requirements.txt benchmark (benchmarks/deps.py) after the agent mode, or only it",
+    )
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     results_md = args.results
-    if results_md is None and not args.quick and modes == list(MODES):
+    if results_md is None and not args.quick and (modes == list(MODES) or args.deps == "only"):
         results_md = REPO / "benchmarks" / "RESULTS.md"
 
     moto = None
@@ -232,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
 
         moto = PrivateMoto(REPO / ".run" / "bench-logs").start()
     try:
-        return _run(args, modes, results_md)
+        rc = 0 if args.deps == "only" else _run(args, modes, results_md)
+        if args.deps == "only" or (args.deps == "yes" and "agent" in modes):
+            _run_deps(args, results_md)
+        return rc
     finally:
         if moto is not None:
             moto.stop()
@@ -310,6 +320,18 @@ def _run(args: argparse.Namespace, modes: list[str], results_md: Path | None) ->
     for path in paths:
         console.print(f"wrote {path}")
     return 0
+
+
+def _run_deps(args: argparse.Namespace, results_md: Path | None) -> None:
+    _configure_environment()
+    from . import deps
+
+    console.print("deps: first runs with new requirements sets, then warm with vs without")
+    factor = 0.25 if args.quick else 1.0
+    summary = deps.run(builds=max(2, int(5 * factor)), warm=max(10, int(100 * factor)))
+    console.print(deps.markdown(summary))
+    for path in deps.write(summary, args.out, results_md):
+        console.print(f"wrote {path}")
 
 
 def _throughput_runs(mode: str, factor: float) -> int:

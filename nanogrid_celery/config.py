@@ -124,6 +124,18 @@ class Settings:
     # Prometheus endpoint served by the worker's main process; 0 = off
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # dependencies (issue 15): requirements.txt environments, built once per host, see
+    # sandbox/envs.py; the pip_* overrides replace the host's pip configuration entirely
+    deps_enabled: bool = True
+    deps_dir: str = ""  # "" = <work_root>/envs
+    deps_cache_mb: int = 4096  # every built environment together; least recently used evicted
+    deps_max_env_mb: int = 1024  # one environment (downloaded wheels and installed files)
+    deps_build_timeout_s: int = 300
+    deps_max_requirements: int = 100
+    pip_index_url: str = ""
+    pip_extra_index_url: str = ""  # space-separated, as pip's own option
+    pip_find_links: str = ""  # a local wheel folder; alone, it is the only source (no index)
+    prebuilt_envs: str = ""  # "numpy;pandas,six": requirement sets (lines split by ",") warmed
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

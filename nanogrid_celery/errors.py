@@ -33,6 +33,11 @@ class RunRejected(NanoGridError):
     """Bad input: the run ends as ``rejected`` with this message; nothing is retried."""
 
 
+class DependencyError(NanoGridError):
+    """The submission's requirements.txt could not be built into an environment (pip's reason
+    in the message): the run ends ``dependency_error``, is not retried, leases no container."""
+
+
 class InternalError(NanoGridError):
     """Our fault (Docker, S3, a broken container): retried once on a fresh container."""
 

@@ -25,6 +25,7 @@ class Status(StrEnum):
     COMPILE_ERROR = "compile_error"
     REJECTED = "rejected"
     INTERNAL_ERROR = "internal_error"
+    DEPENDENCY_ERROR = "dependency_error"  # requirements.txt could not be built (pip's reason)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ExecutionResult:
     recommended_memory_mb: int | None = None
     memory_tuned: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
+    deps_env: str | None = None  # the requirements.txt environment's key (sandbox/envs.py)
+    deps_ms: float | None = None  # getting it: ~0.1 ms when built, the build on first use
 
     @property
     def ok(self) -> bool:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import docker
 
 from nanogrid_celery.common.identity import ProcessIdentity
 from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
-from nanogrid_celery.errors import InternalError, RunRejected
+from nanogrid_celery.errors import DependencyError, InternalError, RunRejected
+from nanogrid_celery.execution.deps import Dependencies
 from nanogrid_celery.execution.request import RunRequest, resolve_limits, stdin_bytes
 from nanogrid_celery.execution.runtimes import Plan, plan_for, resolve_runtime
 from nanogrid_celery.execution.storage import content_hash, fetch_submission
@@ -52,6 +54,7 @@ class Runner:
         pool: WarmPool | ColdPool | None = None,
         fetch: Fetch = fetch_submission,
         threads: int = 0,
+        deps: Dependencies | None = None,
     ) -> None:
         self.settings = settings
         self._client = client
@@ -61,6 +64,7 @@ class Runner:
             settings, self.client, self.executor, self.sandbox.reset, threads=threads
         )
         self.fetch = fetch
+        self.deps = deps or Dependencies(settings, lambda: self.client)
         self.hooks = Hooks(default_middleware(settings) if middleware is None else middleware)
         me = ProcessIdentity.current()
         self.worker = f"{me.host}:{me.pid}"
@@ -75,6 +79,7 @@ class Runner:
     def start(self) -> None:
         self.pool.start()  # reaps orphans first, then fills (warm)
         self.hooks.emit_start(self)
+        self.deps.warm()  # NANOGRID_PREBUILT_ENVS, in the background
 
     def shutdown(self) -> None:
         self.pool.shutdown()
@@ -98,6 +103,8 @@ class Runner:
             self._execute(ctx)
         except RunRejected as exc:
             error, result.status, result.message = exc, Status.REJECTED, str(exc)
+        except DependencyError as exc:  # before any lease: nothing to retry, nothing touched
+            error, result.status, result.message = exc, Status.DEPENDENCY_ERROR, str(exc)
         except InternalError as exc:
             error, result.status, result.message = exc, Status.INTERNAL_ERROR, str(exc)
         except Exception as exc:  # last line of defence: the worker must survive
@@ -127,7 +134,20 @@ class Runner:
         plan = plan_for(ctx.runtime, set(files))
         ctx.function = result.function = req.function or content_hash(files)
         ctx.explicit_memory = req.memory_mb is not None
-        self.hooks.emit_before(ctx)
+        env = self.deps.prepare(ctx.runtime, files, result)  # requirements.txt, before a lease
+        if env is not None:
+            plan = replace(plan, env={"PYTHONPATH": env.pythonpath})
+        try:
+            self.hooks.emit_before(ctx)
+            self._attempts(ctx, plan, files, stdin)
+        finally:
+            if env is not None:
+                env.release()  # from here on it may be evicted
+
+    def _attempts(
+        self, ctx: RunContext, plan: Plan, files: dict[str, bytes], stdin: bytes | None
+    ) -> None:
+        result = ctx.result
         failures = 0
         while True:
             result.attempts = ctx.attempt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanogrid_celery.errors import RunRejected
 
@@ -24,6 +24,7 @@ class Plan:
 
     compile: list[str] | None
     run: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the run step's (PYTHONPATH)
 
 
 CPP_BINARY = "/tmp/.nanogrid-main"

@@ -74,7 +74,12 @@ class Sandbox:
         ooms = cg.oom_kills()
         cpu0 = cg.cpu_ns()
         step = Step(
-            plan.run, limits.timeout_ms, limits.stdout_max_bytes, limits.stderr_max_bytes, True
+            plan.run,
+            limits.timeout_ms,
+            limits.stdout_max_bytes,
+            limits.stderr_max_bytes,
+            True,
+            env=plan.env or None,
         )
         res = self.executor.start(lease, step)
         cpu1 = cg.cpu_ns()

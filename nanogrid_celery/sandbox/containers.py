@@ -29,6 +29,7 @@ from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import DOCKER_ERRORS, ContainerStartFailed, wrap
 from nanogrid_celery.sandbox.cgroups import ContainerCgroup
+from nanogrid_celery.sandbox.envs import env_mount
 from nanogrid_celery.sandbox.executors import Executor
 from nanogrid_celery.sandbox.lease import Lease, LeaseState, ctl_dir
 from nanogrid_celery.sandbox.paths import SANDBOX_DIR
@@ -82,6 +83,7 @@ def create_kwargs(
         "nano_cpus": int(lim.cpus * 1e9),
         "environment": {"HOME": "/tmp", "LANG": "C.UTF-8"},
     }
+    kwargs["volumes"].update(env_mount(settings, runtime))  # requirements envs, read-only
     extra = executor.container_options(host_dir)
     kwargs["volumes"].update(extra.pop("volumes", {}))
     kwargs.update(extra)

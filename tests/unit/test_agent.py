@@ -312,3 +312,32 @@ def test_a_run_cannot_find_an_earlier_runs_output_in_inherited_memory(agent, cod
     header, out, err = run_py(agent, code_dir, search)
     assert header["exit_code"] == 0, err
     assert out == b"0\n", "a later run found an earlier run's output in its memory"
+
+
+def test_zygote_puts_pythonpath_on_sys_path_where_python3_does(agent, code_dir):
+    """A requirements environment is selected by PYTHONPATH: the forked child must see it
+    exactly as ``python3 main.py`` does (after the script's dir, before the stdlib)."""
+    site = code_dir / "site"
+    (site / "ngpkg").mkdir(parents=True)
+    (site / "ngpkg" / "__init__.py").write_text("VERSION = '1.0'\n")
+    for path in (site, site / "ngpkg"):
+        path.chmod(0o755)
+    (site / "ngpkg" / "__init__.py").chmod(0o644)
+    source = "import sys, ngpkg\nprint(ngpkg.VERSION, ngpkg.__file__)\nprint(sys.path)\n"
+    env = ENV | {"PYTHONPATH": str(site)}
+    header, out, err = run_py(agent, code_dir, source, env=env)
+    (code_dir / "main.py").write_text(source)
+    kwargs = {"user": UID, "group": UID, "extra_groups": [UID]} if ROOT else {}
+    real = subprocess.run(
+        [PYTHON, "main.py"], cwd=code_dir, env=env, capture_output=True, timeout=30, **kwargs
+    )
+    assert header["ok"] and header["exit_code"] == 0, (header, err)
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("1.0 ")
+    assert out.splitlines()[0] == real.stdout.splitlines()[0]
+    zygote_path, real_path = eval(lines[1]), eval(real.stdout.decode().splitlines()[1])
+    assert zygote_path[:2] == [str(code_dir), str(site)]
+    assert zygote_path == real_path
+    # nothing else removed: the next run without PYTHONPATH does not see it
+    header, out, _ = run_py(agent, code_dir, "import sys\nprint(sys.path)\n")
+    assert str(site) not in out.decode()

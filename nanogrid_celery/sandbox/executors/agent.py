@@ -136,7 +136,7 @@ class AgentExecutor:
             "op": "run",
             "argv": argv,
             "cwd": CODE_DIR,
-            "env": ENV,
+            "env": ENV | step.env if step.env else ENV,
             "stdin": STDIN_PATH if step.stdin else None,
             "timeout_ms": step.timeout_ms,
             "stdout_max": step.stdout_max,

@@ -65,7 +65,7 @@ class DockerExecExecutor:
                 stderr=True,
                 user=self.settings.sandbox_user,
                 workdir=CODE_DIR,
-                environment=ENV,
+                environment=ENV | step.env if step.env else ENV,
             )
             started = time.perf_counter()
             stream = api.exec_start(ex["Id"], stream=True, demux=True)

@@ -602,6 +602,7 @@ def _run_python(argv: list[str], env: dict[str, str], cwd: str) -> None:
     sys.argv = list(argv[1:])
     sys.orig_argv = list(argv)
     sys.path[0] = os.path.dirname(os.path.realpath(path))
+    sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]  # as python3
     sys.path_importer_cache.clear()
     main = types.ModuleType("__main__")
     main.__dict__.update(
