@@ -13,9 +13,10 @@ checked before any S3 call); every name of every layout goes through
 is their fault; and bytes are bounded *while* reading - each body is read in
 ``READ_CHUNK`` pieces against a running budget shared by the whole submission, so
 no request makes the worker hold more than its limit plus one chunk. Measured with
-moto (tests/unit/test_storage_hostile.py): a 20-object prefix whose objects grow
-to 10 MiB between LIST and GET, limit 1 MiB: 20.0 MiB read before rejecting, now
-1.0 MiB + one chunk (with the default 10 MiB limit: 200 MiB before).
+moto (bytes returned by botocore's StreamingBody): a 20-object prefix whose objects
+grow to 10 MiB between LIST and GET, default 10 MiB limit: 200.0 MiB read before
+rejecting, now 10.0 MiB; limit 1 MiB: 20.0 MiB before, now 0 (each GET's
+Content-Length is checked against the remaining budget before its body is read).
 """
 
 from __future__ import annotations
