@@ -17,6 +17,7 @@ the daemon was down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -122,6 +123,12 @@ class PrivateDockerd:
 
     def cleanup(self) -> None:
         self.stop()
+        # the containerd dockerd started for itself exits with it; if dockerd had to be
+        # killed it may not have, so stop it by the pid it recorded (ours, never another)
+        pid_file = self.root / "exec" / "containerd" / "containerd.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
         prefix = str(self.root) + "/"
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
         for target in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
