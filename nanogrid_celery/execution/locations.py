@@ -36,7 +36,13 @@ def allowed_locations(settings: Settings) -> tuple[Location, ...]:
 
 
 def check_location(settings: Settings, bucket: str, key: str) -> None:
-    """Raise :class:`RunRejected` unless ``s3://bucket/key`` is inside an allowed location."""
+    """Raise :class:`RunRejected` unless ``s3://bucket/key`` is inside an allowed location.
+
+    S3 keys are literal, but some S3-compatible stores and proxies normalise ``..``
+    and ``.`` segments, which would step out of an allowed prefix: such keys are refused.
+    """
+    if any(part in {".", ".."} for part in key.split("/")):
+        raise RunRejected(f"s3://{bucket}/{key}: '.' and '..' segments are not allowed in keys")
     for allowed_bucket, prefix in allowed_locations(settings):
         if bucket == allowed_bucket and key.startswith(prefix):
             return

@@ -178,7 +178,7 @@ def test_allowed_locations_by_bucket_and_prefix(s3, monkeypatch):
     settings = Settings.from_env()
     assert storage.fetch_submission(settings, "python", "shared", "tenant-a/main.py")
     assert storage.fetch_submission(settings, "python", "shared", "tenant-a/")
-    for key in ("tenant-b/main.py", "tenant-ab/main.py", "tenant-a", "main.py"):
+    for key in ("tenant-b/main.py", "tenant-ab/main.py", "tenant-a", "main.py", "/tenant-a/x"):
         with pytest.raises(RunRejected, match="not an allowed code location"):
             storage.fetch_submission(settings, "python", "shared", key)
     storage.upload(settings, "anything.py", b"print(2)", bucket="code")
@@ -194,3 +194,6 @@ def test_default_is_the_code_bucket_only():
     with pytest.raises(RunRejected):
         check_location(settings, "other", "x")
     assert os.environ.get("NANOGRID_ALLOWED_CODE_LOCATIONS") is None
+    for key in ("code/../other/x.py", "../x", "code/./x", ".."):
+        with pytest.raises(RunRejected, match="segments"):
+            check_location(settings, "nanogrid-code", key)
