@@ -8,6 +8,7 @@ visibility timeout longer than the longest allowed run.
 import os
 
 from nanogrid_celery.config import get_settings
+from nanogrid_celery.delivery import signing as _signing
 from nanogrid_celery.monitoring import sent_events as _sent_events  # noqa: F401 - client receiver
 
 _s = get_settings()
@@ -47,6 +48,9 @@ worker_send_task_events = bool(_s.events_broker_url)
 # Celery would send task-sent on the task's SQS producer, where it is dropped; the client's
 # task-sent events go to Redis through monitoring.sent_events (imported above) instead.
 task_send_sent_event = False
+# opt-in message signing (NANOGRID_SECURITY_KEY/CERT/CERT_STORE): tasks use Celery's "auth"
+# serializer and only signed ones are accepted; app.py registers it (delivery/signing.py)
+globals().update(_signing.celery_security_settings(_s))
 worker_hijack_root_logger = True
 worker_redirect_stdouts = False
 timezone = "UTC"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from celery import Celery
 
+from nanogrid_celery.delivery.signing import setup_signing
 from nanogrid_celery.service import lifecycle
 
 app = Celery("nanogrid", include=["nanogrid_celery.tasks"])
 app.config_from_object("celeryconfig")
+setup_signing(app)  # a no-op unless NANOGRID_SECURITY_KEY is set
 lifecycle.install(app)

@@ -77,6 +77,13 @@ class Settings:
     s3_region: str = "us-east-1"
     aws_access_key_id: str = ""
     aws_secret_access_key: str = ""
+    # the trust boundary for code (issue 11): comma list of `bucket` or `bucket/prefix` a task
+    # may name; "" = the code bucket (s3_bucket) only. See execution/locations.py.
+    allowed_code_locations: str = ""
+    # opt-in message signing (delivery/signing.py): PEM key, its certificate, trusted certs
+    security_key: str = ""
+    security_cert: str = ""
+    security_cert_store: str = ""
     python_image: str = "nanogrid-python:latest"
     cpp_image: str = "nanogrid-cpp:latest"
     pool_enabled: bool = True

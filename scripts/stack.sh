@@ -99,7 +99,7 @@ flower_up() {
     # celery option: it must come before `flower` (after it, Flower silently ignores it).
     pid="$(start_bg flower "$log_file" env FLOWER_UNAUTHENTICATED_API=true \
         "$VENV/bin/celery" -A nanogrid_celery.monitoring.app --broker="$FLOWER_BROKER" flower \
-        --port="$FLOWER_PORT")"
+        --port="$FLOWER_PORT" --address=127.0.0.1)"
     # Flower is a convenience: a failure here is reported, not fatal.
     if wait_for_port 127.0.0.1 "$FLOWER_PORT" 30 "$pid"; then
         ok "Flower ready (pid $pid)"

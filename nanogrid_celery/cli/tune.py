@@ -110,6 +110,7 @@ def cmd_tune_show(args: argparse.Namespace) -> int:
     for col in ("runs", "ooms", "p95 peak", "recommended", "current"):
         table.add_column(col, justify="right")
     table.add_column("tuned")
+    table.add_column("code", no_wrap=True)  # the recommendation is for this code only
     table.add_column("last run", no_wrap=True)
     for s in stats:
         rec = "-" if s.recommended_bytes is None else str(s.recommended_bytes // MB)
@@ -121,6 +122,7 @@ def cmd_tune_show(args: argparse.Namespace) -> int:
             rec,
             "-" if s.current_limit_bytes is None else str(s.current_limit_bytes // MB),
             "yes" if s.current_tuned else "no",
+            (s.code or "-")[:12] + (f" (+{s.codes - 1} other)" if s.codes > 1 else ""),
             _when(s.last_run, ms=False),
         )
     console.print(table)

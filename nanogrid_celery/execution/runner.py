@@ -132,7 +132,8 @@ class Runner:
         stdin = stdin_bytes(self.settings, req.stdin)
         files = self.fetch(self.settings, ctx.runtime, req.s3_bucket, req.s3_key)
         plan = plan_for(ctx.runtime, set(files))
-        ctx.function = result.function = req.function or content_hash(files)
+        ctx.code_hash = content_hash(files)
+        ctx.function = result.function = req.function or ctx.code_hash
         ctx.explicit_memory = req.memory_mb is not None
         env = self.deps.prepare(ctx.runtime, files, result)  # requirements.txt, before a lease
         if env is not None:

@@ -6,16 +6,30 @@ file, or a key prefix ending in ``/``. Everything hostile (absolute paths,
 a single byte touches a container, as :class:`RunRejected`; S3 being down is
 :class:`~nanogrid_celery.errors.StorageUnavailable` (an InternalError) so the
 runner can retry.
+
+Issue 11 hardening: a task may only name allowed locations (``locations.py``,
+checked before any S3 call); every name of every layout goes through
+``tree.check_tree`` so staging cannot fail on their input; corrupt compressed data
+is their fault; and bytes are bounded *while* reading - each body is read in
+``READ_CHUNK`` pieces against a running budget shared by the whole submission, so
+no request makes the worker hold more than its limit plus one chunk. Measured with
+moto (bytes returned by botocore's StreamingBody): a 20-object prefix whose objects
+grow to 10 MiB between LIST and GET, default 10 MiB limit: 200.0 MiB read before
+rejecting, now 10.0 MiB; limit 1 MiB: 20.0 MiB before, now 0 (each GET's
+Content-Length is checked against the remaining budget before its body is read).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import re
 import stat
+import struct
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -29,13 +43,28 @@ from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.common.perprocess import PerProcess
 from nanogrid_celery.config import Limits, Settings
 from nanogrid_celery.errors import RunRejected, StorageUnavailable
+from nanogrid_celery.execution.locations import check_location
 from nanogrid_celery.execution.runtimes import main_file_name
+from nanogrid_celery.execution.tree import check_tree
 
 log = get_logger(__name__)
 
 Files = dict[str, bytes]
 _clients: PerProcess[tuple, Any] = PerProcess(lambda key: _client(key))  # ~50 ms to build
 _MISSING = {"NoSuchKey", "404", "NoSuchBucket", "NotFound"}
+READ_CHUNK = 64 * 1024  # bytes per body read: the most a read can overshoot its budget
+# what a decoder raises on corrupt data inside a zip: all their fault
+_ZIP_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,  # unsupported method, strong encryption, patched data
+    RuntimeError,  # encrypted entry without a password
+    ValueError,  # UnicodeDecodeError of a header name among them
+    EOFError,
+    OSError,  # bz2
+    struct.error,
+)
 
 
 def _client(key: tuple) -> Any:
@@ -61,6 +90,8 @@ def s3_client(settings: Settings, max_attempts: int = 3):
 
 def safe_name(name: str) -> str:
     """Normalise a relative path or reject it (absolute, ``..``, backslashes, empty)."""
+    if "\x00" in name:
+        raise RunRejected(f"a NUL byte in a file name is not allowed: {name!r}")
     if not name or name.startswith(("/", "\\")) or "\\" in name or "\x00" in name:
         raise RunRejected(f"unsafe path in submission: {name!r}")
     parts = PurePosixPath(name).parts
@@ -77,8 +108,11 @@ def unpack_zip(data: bytes, limits: Limits) -> Files:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except _ZIP_READ_ERRORS as exc:
         raise RunRejected(f"submission is not a valid zip archive: {exc}") from exc
+    for info in infos:  # zipfile cuts a name at its first NUL; the original keeps it
+        if "\x00" in info.orig_filename:
+            raise RunRejected(f"a NUL byte in a file name is not allowed: {info.orig_filename!r}")
     entries = [i for i in infos if not i.is_dir()]
     if len(entries) > limits.max_files:
         raise RunRejected(f"zip has {len(entries)} files; at most {limits.max_files} allowed")
@@ -88,25 +122,46 @@ def unpack_zip(data: bytes, limits: Limits) -> Files:
             f"zip unpacks to {declared} bytes; at most {limits.max_unpacked_bytes} allowed "
             "(zip bomb?)"
         )
-    files: Files = {}
-    budget = limits.max_unpacked_bytes
+    names: list[tuple[str, zipfile.ZipInfo]] = []
     for info in entries:
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise RunRejected(f"zip contains a symbolic link: {info.filename!r}")
         if mode and not (stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0):
             raise RunRejected(f"zip contains a special file: {info.filename!r}")
-        name = safe_name(info.filename)
+        names.append((safe_name(info.filename), info))
+    dirs = [safe_name(i.filename) for i in infos if i.is_dir() and i.filename.strip("/.")]
+    check_tree((n for n, _ in names), dirs)  # every name, before a byte is decompressed
+    files: Files = {}
+    budget = limits.max_unpacked_bytes
+    for name, info in names:
         try:
             with archive.open(info) as fh:
-                content = fh.read(budget + 1)
-        except (zipfile.BadZipFile, RuntimeError, ValueError, EOFError, OSError) as exc:
+                content = _read_bounded(fh, budget)
+        except _ZIP_READ_ERRORS as exc:
             raise RunRejected(f"cannot read {info.filename!r} from zip: {exc}") from exc
         budget -= len(content)
         if budget < 0:
             raise RunRejected("zip unpacks past its declared size (zip bomb?)")
         files[name] = content
     return _strip_single_root(files)
+
+
+def _read_bounded(stream: Any, budget: int) -> bytes:
+    """Read ``stream`` until EOF or just past ``budget`` bytes, in ``READ_CHUNK`` pieces.
+
+    A caller that sees more than ``budget`` bytes back rejects; nothing past
+    ``budget + READ_CHUNK`` is ever held, whatever a length header claimed.
+    """
+    chunks: list[bytes] = []
+    held = 0
+    while held <= budget:
+        chunk = stream.read(min(READ_CHUNK, budget + 1 - held))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        held += len(chunk)
+    return b"".join(chunks)
 
 
 def _strip_single_root(files: Files) -> Files:
@@ -125,12 +180,14 @@ def _check_total(files: Mapping[str, bytes], limits: Limits) -> None:
         raise RunRejected("submission is empty (every file has zero bytes)")
     if total > limits.max_unpacked_bytes:
         raise RunRejected(f"submission is {total} bytes; at most {limits.max_unpacked_bytes}")
+    check_tree(files)  # every layout, after the single-root strip: what staging will write
 
 
 def fetch_submission(settings: Settings, runtime: str, bucket: str, key: str) -> Files:
     """Download and validate the code at ``s3://bucket/key`` for ``runtime``."""
     if not bucket or not key:
         raise RunRejected("s3_bucket and s3_key are required")
+    check_location(settings, bucket, key)  # the trust boundary: before any S3 call
     limits = settings.limits
     client = s3_client(settings)
     try:
@@ -241,9 +298,14 @@ def _read_object(obj: dict, bucket: str, key: str, runtime: str, limits: Limits)
     if size > limits.max_code_bytes:
         obj["Body"].close()
         raise RunRejected(f"code object is {size} bytes; at most {limits.max_code_bytes} allowed")
-    data = obj["Body"].read(limits.max_code_bytes + 1)
+    try:
+        data = _read_bounded(obj["Body"], limits.max_code_bytes)
+    finally:
+        obj["Body"].close()
     if len(data) > limits.max_code_bytes:
-        raise RunRejected(f"code object exceeds {limits.max_code_bytes} bytes")
+        raise RunRejected(
+            f"code object is over {limits.max_code_bytes} bytes; at most {limits.max_code_bytes}"
+        )
     if not data:
         raise RunRejected(f"code object s3://{bucket}/{key} is empty")
     if key.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
@@ -265,12 +327,23 @@ def _fetch_prefix(client, bucket: str, prefix: str, limits: Limits) -> Files:
     total = sum(size for _, size in keys)
     if total > limits.max_code_bytes:
         raise RunRejected(f"code under prefix is {total} bytes; at most {limits.max_code_bytes}")
+    names = [safe_name(full_key[len(prefix) :]) for full_key, _ in keys]
+    check_tree(names)  # before any GET
     files: Files = {}
-    for full_key, _ in keys:
-        name = safe_name(full_key[len(prefix) :])
-        files[name] = client.get_object(Bucket=bucket, Key=full_key)["Body"].read(
-            limits.max_code_bytes + 1
-        )
+    budget = limits.max_code_bytes  # shared by every object: LIST sizes may be stale
+    for (full_key, _), name in zip(keys, names, strict=True):
+        obj = client.get_object(Bucket=bucket, Key=full_key)
+        if int(obj.get("ContentLength") or 0) > budget:
+            obj["Body"].close()
+            raise RunRejected(f"code under prefix grew past at most {limits.max_code_bytes} bytes")
+        try:
+            content = _read_bounded(obj["Body"], budget)
+        finally:
+            obj["Body"].close()
+        budget -= len(content)
+        if budget < 0:
+            raise RunRejected(f"code under prefix is over at most {limits.max_code_bytes} bytes")
+        files[name] = content
     return files
 
 

@@ -44,6 +44,7 @@ class RunContext:
     result: ExecutionResult
     runtime: str | None = None
     function: str | None = None
+    code_hash: str | None = None  # content hash of the fetched files: what the tuner learns for
     limits: RunLimits | None = None
     explicit_memory: bool = False
     tuned: bool = False

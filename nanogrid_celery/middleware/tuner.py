@@ -1,11 +1,12 @@
 """Auto-tuner middleware: right-size each function's memory limit from its own history.
 
-``before_run`` applies the recommendation (unless the task named ``memory_mb``:
-an explicit limit always wins); ``retry_limits`` gives a run that hit the OOM
-killer under a *tuned* limit one more try at double the limit, and remembers
-the OOM so the next recommendation is higher; ``after_run`` records the run
-and stamps ``recommended_memory_mb`` / ``memory_tuned`` on the result. Redis
-trouble only costs the tuning, never the run.
+``before_run`` applies the recommendation learned from runs of *the same code*
+under the same function name (unless the task named ``memory_mb``: an explicit
+limit always wins); ``retry_limits`` gives a run that hit the OOM killer under a
+*tuned* limit one more try at double the limit but at least the limit it would
+have had untuned, and remembers the OOM so the next recommendation is higher;
+``after_run`` records the run and stamps ``recommended_memory_mb`` /
+``memory_tuned`` on the result. Redis trouble only costs the tuning, never the run.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class TunerMiddleware(Middleware):
 
     def before_run(self, ctx: RunContext) -> None:
         try:
-            peaks = self.store.peaks(ctx.function)
+            peaks = self.store.peaks(ctx.function, ctx.code_hash)
         except RedisError as exc:
             log.warning("tuner history unavailable: %s", exc)
             return
@@ -67,6 +68,7 @@ class TunerMiddleware(Middleware):
         ctx.extra["tuner_recommended_bytes"] = rec
         if rec is None or ctx.explicit_memory:
             return
+        ctx.extra["tuner_untuned_bytes"] = ctx.limits.memory_bytes
         ctx.limits = replace(ctx.limits, memory_bytes=rec)
         ctx.tuned = True
         log.info(
@@ -79,14 +81,18 @@ class TunerMiddleware(Middleware):
         if outcome.status != Status.OOM or not ctx.tuned or ctx.extra.get("tuner_retried"):
             return None
         current = ctx.limits.memory_bytes
-        bigger = retry_limit(current, self.policy)
+        bigger = retry_limit(current, self.policy, ctx.extra.get("tuner_untuned_bytes"))
         if bigger is None:
             return None
         ctx.extra["tuner_retried"] = True
         peak = outcome.peak_memory_bytes or current
-        self._record(ctx, RunRecord(peak, str(Status.OOM), current, True, time.time()))
+        oom = RunRecord(peak, str(Status.OOM), current, True, time.time(), ctx.code_hash)
+        try:
+            self._record(ctx, oom)
+        except Exception:  # bookkeeping must never cost the run its retry
+            log.exception("could not record the oom for the tuner")
         fields = {"function": ctx.function, "from_mb": current // MB, "to_mb": bigger // MB}
-        log.info("oom under a tuned limit; one retry at double", **fields)
+        log.info("oom under a tuned limit; one retry, larger", **fields)
         return replace(ctx.limits, memory_bytes=bigger)
 
     def after_run(
@@ -102,6 +108,7 @@ class TunerMiddleware(Middleware):
                 result.memory_limit_bytes,
                 ctx.tuned,
                 result.finished_at or time.time(),
+                ctx.code_hash,
             )
             self._record(ctx, record)
         peaks = ctx.extra.get("tuner_peaks")

@@ -2,10 +2,19 @@
 
 Per function (a content hash of the code, or the name a client passes) Redis
 keeps a capped list of the last ``tuner_history`` runs - peak memory, outcome,
-applied limit - that expires ``tuner_ttl_seconds`` after the last run, plus one
-sorted set indexing the functions (trimmed by age and count), so every key the
-tuner owns is bounded. Once ``tuner_min_runs`` runs are known the recommended
-limit is::
+applied limit, the content hash of the code that ran - that expires
+``tuner_ttl_seconds`` after the last run, plus one sorted set indexing the
+functions (trimmed by age and count), so every key the tuner owns is bounded.
+
+A name is the client's choice, so it proves nothing about the code (issue 11,
+class 9: runs of a small program under a victim's name taught 64 MiB, and the
+victim's 200 MiB program then ended ``oom``). A recommendation is therefore made
+only from runs *of the same code* (:func:`peaks_for`): the history stays keyed
+by name, so ``nanogrid tune show NAME`` works as before, and runs of other code
+under that name can at worst push the victim's runs out of the capped list
+(the victim then runs at the default limit: slower to tune, never smaller).
+
+Once ``tuner_min_runs`` runs are known the recommended limit is::
 
     clamp(round_up(p95(peak) * headroom + floor, step), min, max)
 
@@ -84,10 +93,16 @@ def recommend(peaks: Sequence[int], policy: TunerPolicy) -> int | None:
     return clamp(round_up(want, policy.step_bytes), policy.min_bytes, policy.max_bytes)
 
 
-def retry_limit(current: int, policy: TunerPolicy) -> int | None:
-    """Double ``current`` (capped at max) for the one retry after an OOM; None if no room."""
+def retry_limit(current: int, policy: TunerPolicy, untuned: int | None = None) -> int | None:
+    """The one retry after an OOM under a tuned limit; None if it would not be larger.
+
+    Double ``current`` (capped at max), but never less than ``untuned``, the limit the
+    run had without the tuner: a tuned limit may cost a retry, never a result (a
+    program needing 200 MiB under a tuned 64 MiB would still OOM at 128 MiB).
+    """
     doubled = min(current * 2, policy.max_bytes)
-    return doubled if doubled > current else None
+    bigger = max(doubled, untuned or 0)
+    return bigger if bigger > current else None
 
 
 # -- the history -----------------------------------------------------------------
@@ -100,6 +115,7 @@ class RunRecord:
     limit_bytes: int | None = None
     tuned: bool = False
     ts: float = 0.0
+    code: str | None = None  # content hash of the code that ran
 
     def to_json(self) -> str:
         data = {
@@ -108,13 +124,27 @@ class RunRecord:
             "l": self.limit_bytes,
             "t": self.tuned,
             "ts": round(self.ts, 3),
+            "h": self.code,
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> RunRecord:
         d = json.loads(raw)
-        return cls(int(d["p"]), str(d["s"]), d.get("l"), bool(d.get("t")), float(d.get("ts", 0)))
+        code = d.get("h")
+        return cls(
+            int(d["p"]),
+            str(d["s"]),
+            d.get("l"),
+            bool(d.get("t")),
+            float(d.get("ts", 0)),
+            str(code) if code is not None else None,
+        )
+
+
+def peaks_for(history: Sequence[RunRecord], code: str | None) -> list[int]:
+    """Peaks of the runs of exactly this code: what may be learned for it (newest first)."""
+    return [r.peak_bytes for r in history if r.code == code]
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,8 @@ class FunctionStats:
     current_limit_bytes: int | None
     current_tuned: bool
     last_run: float | None
+    code: str | None = None  # the newest run's code hash (the recommendation is for it)
+    codes: int = 0  # distinct code hashes seen under this name
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,19 +175,22 @@ def function_id(function: str) -> str:
 
 
 def stats_for(function: str, history: Sequence[RunRecord], policy: TunerPolicy) -> FunctionStats:
-    """Summarise a newest-first history."""
+    """Summarise a newest-first history; the recommendation is the one its newest code gets."""
     peaks = [r.peak_bytes for r in history]
     latest = history[0] if history else None
+    learned = peaks_for(history, latest.code) if latest else []
     return FunctionStats(
         function=function,
         runs=len(history),
         ooms=sum(1 for r in history if r.status == "oom"),
         p95_peak_bytes=int(percentile(peaks, 95)) if peaks else None,
         max_peak_bytes=max(peaks) if peaks else None,
-        recommended_bytes=recommend(peaks, policy),
+        recommended_bytes=recommend(learned, policy),
         current_limit_bytes=latest.limit_bytes if latest else None,
         current_tuned=latest.tuned if latest else False,
         last_run=latest.ts if latest else None,
+        code=latest.code if latest else None,
+        codes=len({r.code for r in history}),
     )
 
 
@@ -217,8 +252,9 @@ class TunerStore:
                 continue
         return out
 
-    def peaks(self, function: str) -> list[int]:
-        return [r.peak_bytes for r in self.history(function)]
+    def peaks(self, function: str, code: str | None = None) -> list[int]:
+        """Peaks of ``function``'s runs of ``code`` only (see :func:`peaks_for`)."""
+        return peaks_for(self.history(function), code)
 
     def functions(self, limit: int = 1000) -> list[str]:
         """Most recently run first."""

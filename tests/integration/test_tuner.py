@@ -150,12 +150,39 @@ def test_growth_past_tuned_limit_gets_one_retry(tw):
     assert grown.status == Status.SUCCESS, grown
     assert grown.stdout == "90\n"
     assert grown.attempts == 2 and grown.memory_tuned is True
-    assert grown.memory_limit_bytes == min(2 * tuned_mb, POLICY.max_bytes // MB) * MB
+    default_mb = get_settings().limits.default_memory_mb  # the retry is never below untuned
+    assert (
+        grown.memory_limit_bytes == max(min(2 * tuned_mb, POLICY.max_bytes // MB), default_mb) * MB
+    )
     # the history learned: the next limit covers the grown program without a retry
     assert grown.recommended_memory_mb * MB >= grown.peak_memory_bytes * POLICY.headroom
     again = tw.run({"main.py": GROW}, stdin="90", function=name)
     assert again.status == Status.SUCCESS and again.attempts == 1, again
     assert again.memory_limit_bytes == grown.recommended_memory_mb * MB
+
+
+def test_a_name_taught_by_other_code_does_not_limit_the_victim(tw):
+    """Issue 11, class 9: runs of a tiny program under a name must not size different code."""
+    name = fn("victim")
+    for _ in range(MIN_RUNS + 1):
+        taught = tw.run({"main.py": "print('tiny')"}, function=name)
+        assert taught.status == Status.SUCCESS, taught
+    assert taught.memory_tuned and taught.memory_limit_bytes == 64 * MB, taught
+    victim = tw.run(hold(200), function=name)
+    assert victim.status == Status.SUCCESS and victim.stdout == "200\n", victim
+    assert victim.attempts == 1 and victim.memory_tuned is False, victim
+
+
+def test_same_code_growing_far_past_its_tuned_limit_still_succeeds(tw):
+    """An OOM under a learned limit always gets its retry, at least at the untuned limit."""
+    name = fn("grow200")
+    for _ in range(MIN_RUNS):
+        r = tw.run({"main.py": GROW}, stdin="5", function=name)
+        assert r.status == Status.SUCCESS, r
+    assert r.recommended_memory_mb == 64, r
+    grown = tw.run({"main.py": GROW}, stdin="200", function=name)
+    assert grown.status == Status.SUCCESS and grown.stdout == "200\n", grown
+    assert grown.attempts == 2 and grown.memory_tuned is True
 
 
 def test_explicit_memory_mb_is_honoured(tw):

@@ -80,14 +80,13 @@ def test_every_nanogrid_variable_is_a_setting(services):
 
 def test_flower_reads_the_workers_events_on_5555(services):
     flower, worker = services["flower"], services["worker"]
-    assert "5555:5555" in flower["ports"]
+    assert "127.0.0.1:5555:5555" in flower["ports"]
     command = flower["command"]
     assert command[:4] == ["celery", "-A", "nanogrid_celery.monitoring.app", "flower"]
     assert "--port=5555" in command
     events = env(worker)["NANOGRID_EVENTS_BROKER_URL"]
     assert events.startswith("redis://redis:")
     assert env(flower)["NANOGRID_EVENTS_BROKER_URL"] == events
-    assert env(flower).get("FLOWER_UNAUTHENTICATED_API") == "true"  # the API, for scripts
 
 
 def test_metrics_endpoint_is_published(services):
@@ -95,4 +94,30 @@ def test_metrics_endpoint_is_published(services):
     port = int(worker_env["NANOGRID_METRICS_PORT"])
     assert port > 0
     assert worker_env["NANOGRID_METRICS_HOST"] == "0.0.0.0"  # reachable from outside
-    assert f"{port}:{port}" in services["worker"]["ports"]
+    assert f"127.0.0.1:{port}:{port}" in services["worker"]["ports"]
+
+
+# -- issue 11: what is exposed -----------------------------------------------------------
+def _published(port: Any) -> tuple[str, str]:
+    """(host ip, host port) of a ``[ip:]host:container`` short-form port."""
+    parts = str(port).split(":")
+    assert len(parts) == 3, f"{port!r}: name the host address (127.0.0.1:host:container)"
+    return parts[0], parts[1]
+
+
+def test_every_published_port_is_bound_to_localhost(services):
+    published = {}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            ip, host_port = _published(port)
+            published[host_port] = name
+            assert ip == "127.0.0.1", f"{name} publishes {port!r} on every interface"
+    assert {"5000", "6379", "5555", "9808"} <= set(published)  # moto, redis, flower, metrics
+
+
+def test_flower_asks_for_auth(services):
+    flower = env(services["flower"])
+    auth = flower.get("FLOWER_BASIC_AUTH", "")
+    assert auth.startswith("${FLOWER_BASIC_AUTH") and ":" in auth  # overridable from the env
+    assert flower.get("FLOWER_UNAUTHENTICATED_API", "false").lower() != "true"
+    assert not any("unauthenticated" in str(arg) for arg in services["flower"]["command"])

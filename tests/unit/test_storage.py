@@ -54,7 +54,7 @@ def test_empty_and_oversized(s3):
     storage.upload(s3, "e.py", b"")
     with pytest.raises(RunRejected, match="empty"):
         storage.fetch_submission(s3, "python", "code", "e.py")
-    small = Settings(s3_endpoint_url="", limits=Limits(max_code_bytes=10))
+    small = Settings(s3_endpoint_url="", s3_bucket="code", limits=Limits(max_code_bytes=10))
     storage.upload(small, "big.py", b"x" * 11, bucket="code")
     with pytest.raises(RunRejected, match="at most 10"):
         storage.fetch_submission(small, "python", "code", "big.py")

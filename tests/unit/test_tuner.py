@@ -263,7 +263,7 @@ def test_tuner_retries_oom_once_under_tuned_limit_and_learns(rdb):
     assert ctx.tuned and ctx.limits.memory_bytes == 64 * MB
     oom = Outcome(Status.OOM, peak_memory_bytes=64 * MB)
     retry = mw.retry_limits(ctx, oom)
-    assert retry is not None and retry.memory_bytes == 128 * MB
+    assert retry is not None and retry.memory_bytes == 256 * MB  # 2x 64, but >= untuned 256
     ctx.limits = retry
     assert mw.retry_limits(ctx, oom) is None  # only once
     result = _result(Status.SUCCESS, 90 * MB, 128 * MB)
@@ -358,3 +358,51 @@ def test_default_middleware_order_and_switches():
     off = Settings(tuner_enabled=False, events_enabled=False)
     off_names = {type(m).__name__ for m in default_middleware(off)}
     assert not off_names & {"TunerMiddleware", "ResultStreamMiddleware"}
+
+
+# -- issue 11, class 9: a name proves nothing about the code ----------------------------
+def _code_ctx(function: str, code: str) -> RunContext:
+    ctx = _ctx(function)
+    ctx.code_hash = code
+    return ctx
+
+
+def test_learned_limit_is_never_applied_to_other_code(rdb):
+    _client, prefix = rdb
+    mw = TunerMiddleware(_settings(prefix))
+    for _ in range(5):  # the attacker teaches "victim" with a tiny program
+        ctx = _code_ctx("victim", "attacker-code")
+        mw.before_run(ctx)
+        mw.after_run(ctx, _result(Status.SUCCESS, 5 * MB, ctx.limits.memory_bytes))
+    taught = _code_ctx("victim", "attacker-code")
+    mw.before_run(taught)
+    assert taught.tuned and taught.limits.memory_bytes == 64 * MB
+    victim = _code_ctx("victim", "victim-code")
+    mw.before_run(victim)
+    assert not victim.tuned and victim.limits.memory_bytes == 256 * MB
+    stats = stats_for("victim", mw.store.history("victim"), POLICY)
+    assert stats.runs == 5 and stats.code == "attacker-code" and stats.codes == 1
+
+
+def test_oom_under_tuned_limit_retries_at_least_at_the_untuned_limit():
+    assert retry_limit(64 * MB, POLICY, untuned=256 * MB) == 256 * MB
+    assert retry_limit(200 * MB, POLICY, untuned=256 * MB) == 400 * MB
+    assert retry_limit(1024 * MB, POLICY, untuned=256 * MB) is None
+    assert retry_limit(64 * MB, POLICY) == 128 * MB
+
+
+def test_oom_retry_survives_failing_bookkeeping(rdb, monkeypatch):
+    _client, prefix = rdb
+    mw = TunerMiddleware(_settings(prefix))
+    for _ in range(3):
+        _one_run(mw, "fn", 30 * MB)
+    ctx = _ctx("fn")
+    mw.before_run(ctx)
+    assert ctx.tuned
+
+    def broken(*_args):
+        raise TypeError("bookkeeping bug")
+
+    monkeypatch.setattr(mw.store, "record", broken)
+    retry = mw.retry_limits(ctx, Outcome(Status.OOM, peak_memory_bytes=64 * MB))
+    assert retry is not None and retry.memory_bytes == 256 * MB
