@@ -1,15 +1,19 @@
-"""The Celery application; ``celery -A nanogrid_celery worker`` finds it as ``app``.
+"""The Celery application; ``celery -A nanogrid_celery worker|inspect|status|events|flower``.
 
-Its worker life cycle (bootstep and per-child hooks) is installed here, in
-one call, instead of by whichever modules happen to be imported.
+One app for workers, clients and monitoring tools: tasks travel on SQS, remote
+control and events on the events Redis (:mod:`nanogrid_celery.monitoring.native`).
+Its worker life cycle (bootstep and per-child hooks) is installed here, in one
+call, instead of by whichever modules happen to be imported; its tasks are
+registered on import, so Flower and any client can apply ``nanogrid.run_code``.
 """
 
 from __future__ import annotations
 
-from celery import Celery
-
+from nanogrid_celery.monitoring.native import NanoGrid
 from nanogrid_celery.service import lifecycle
 
-app = Celery("nanogrid", include=["nanogrid_celery.tasks"])
+app = NanoGrid("nanogrid", include=["nanogrid_celery.tasks"])
 app.config_from_object("celeryconfig")
 lifecycle.install(app)
+
+from nanogrid_celery import tasks as _tasks  # noqa: E402,F401 - registers nanogrid.* tasks

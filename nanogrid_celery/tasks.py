@@ -12,7 +12,14 @@ from nanogrid_celery.execution.runner import RunRequest
 from nanogrid_celery.service.worker import get_runner
 
 
-@app.task(name="nanogrid.run_code", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="nanogrid.run_code",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    # task events carry the run's status: a failed run is FAILURE in Flower (run_state.py)
+    Request="nanogrid_celery.monitoring.run_state:RunStateRequest",
+)
 def run_code(
     self,
     request_id: str | None = None,
