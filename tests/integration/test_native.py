@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -153,18 +153,22 @@ def test_celery_events_dump_shows_task_events(worker):
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "nanogrid_celery", "events", "--dump"],
         cwd=REPO,
-        env=dict(os.environ),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        time.sleep(3)  # the receiver binds its queue
+        # a heartbeat means the receiver's queue is bound on the events Redis
+        wait_for(lambda: any("heartbeat" in line for line in lines), 30, "a heartbeat")
         result = worker.run({"main.py": "print('evented')"})
-        time.sleep(3)
+        wait_for(lambda: any(result.request_id in ln and "succeeded" in ln for ln in lines), 20, "")
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=15)
+        proc.wait(15)
+    out = "".join(lines)
     assert f"task succeeded: nanogrid.run_code({result.request_id})" in out, out[-3000:]
 
 
