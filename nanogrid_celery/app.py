@@ -12,8 +12,9 @@ from __future__ import annotations
 from nanogrid_celery.monitoring.native import NanoGrid
 from nanogrid_celery.service import lifecycle
 
-app = NanoGrid("nanogrid", include=["nanogrid_celery.tasks"])
+app = NanoGrid("nanogrid", include=["nanogrid_celery.tasks", "nanogrid_celery.canvas"])
 app.config_from_object("celeryconfig")
 lifecycle.install(app)
 
-from nanogrid_celery import tasks as _tasks  # noqa: E402,F401 - registers nanogrid.* tasks
+from nanogrid_celery import canvas as _canvas  # noqa: E402,F401 - registers nanogrid.* tasks
+from nanogrid_celery import tasks as _tasks  # noqa: E402,F401

@@ -31,9 +31,13 @@ def run_code(
     memory_mb: int | None = None,
     submitted_at: float | None = None,
     function: str | None = None,
+    callback_url: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict."""
+    """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict.
+
+    ``callback_url``: the worker POSTs the result there, signed (delivery/callbacks.py).
+    """
     received_at = time.time()
     request_id = request_id or self.request.id
     with request_context(request_id):
@@ -47,6 +51,7 @@ def run_code(
             memory_mb=memory_mb,
             submitted_at=submitted_at,
             function=function,
+            callback_url=callback_url,
         )
         return run_once(
             self, request_id, str(runtime), lambda: get_runner().execute(req, received_at).to_dict()

@@ -22,12 +22,15 @@ LOG_DIR = REPO / ".run" / "test-logs"
 class WorkerProcess:
     """One worker with its own queue and instance label, so tests never share containers."""
 
-    def __init__(self, name: str, concurrency: int = 1, **env: str | int) -> None:
+    def __init__(
+        self, name: str, concurrency: int = 1, include: str | None = None, **env: str | int
+    ) -> None:
         uid = uuid.uuid4().hex[:6]
         self.name = f"{name}-{uid}"
         self.instance = f"{os.environ['NANOGRID_INSTANCE']}-{name}-{uid}"
         self.queue = f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
         self.concurrency = concurrency
+        self.include = include  # extra task modules (celery worker --include), e.g. errbacks
         self.env = {
             **os.environ,
             "NANOGRID_INSTANCE": self.instance,
@@ -61,6 +64,7 @@ class WorkerProcess:
                 f"--concurrency={self.concurrency}",
                 "-n",
                 f"{self.name}@%h",
+                *([f"--include={self.include}"] if self.include else []),
             ],
             cwd=REPO,
             env=self.env,
