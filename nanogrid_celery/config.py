@@ -117,6 +117,15 @@ class Settings:
     # Prometheus endpoint served by the worker's main process; 0 = off
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # result callbacks (delivery/callbacks.py): the worker POSTs a run's signed result to its
+    # callback_url; no secret = off. allow: comma-separated host[:port] patterns ("" = any host
+    # with a public address); private/loopback/link-local only for an exact (wildcard-free) one
+    callback_secret: str = ""
+    callback_allow: str = ""
+    callback_timeout_s: float = 5.0
+    callback_attempts: int = 5
+    callback_backoff_s: float = 1.0
+    callback_queue_max: int = 1000
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

@@ -60,6 +60,7 @@ class ExecutionResult:
     recommended_memory_mb: int | None = None
     memory_tuned: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
+    callback: str | None = None  # callback_url delivery: "queued", "refused: ...", "off: ..."
 
     @property
     def ok(self) -> bool:

@@ -21,6 +21,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         timeout_ms=args.timeout_ms,
         memory_mb=args.memory_mb,
         function=args.function,
+        callback_url=args.callback_url,
         wait_timeout=args.wait,
     )
     if args.json:
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout-ms", type=int)
     run.add_argument("--memory-mb", type=int)
     run.add_argument("--function", help="name for the auto-tuner (default: hash of the code)")
+    run.add_argument("--callback-url", help="the worker POSTs the signed result here too")
     run.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
     run.add_argument("--json", action="store_true", help="print the whole ExecutionResult")
     run.set_defaults(func=_cmd_run)
