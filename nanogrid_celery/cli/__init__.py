@@ -42,6 +42,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from nanogrid_celery import client
+
+    bucket, key = client.upload_code(args.path)
+    kwargs = {"s3_bucket": bucket, "s3_key": key, "runtime": args.runtime}
+    print(json.dumps({"kwargs": kwargs}))  # the body of Flower's async-apply of run_code
+    return 0
+
+
 def _cmd_images_build(args: argparse.Namespace) -> int:
     from nanogrid_celery.sandbox.images import ImageBuildError, build_images
 
@@ -78,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
     run.add_argument("--json", action="store_true", help="print the whole ExecutionResult")
     run.set_defaults(func=_cmd_run)
+
+    upload = sub.add_parser(
+        "upload", help="upload code, print run_code's kwargs (e.g. for Flower's task API)"
+    )
+    upload.add_argument("path")
+    upload.add_argument("--runtime", default="python")
+    upload.set_defaults(func=_cmd_upload)
 
     images = sub.add_parser("images", help="runtime images")
     images_sub = images.add_subparsers(dest="images_command", required=True)

@@ -20,16 +20,11 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.app import app
+from nanogrid_celery.config import get_settings
 from nanogrid_celery.result import Status
 
 from .harness import REPO, WorkerProcess
-from .test_flower import (  # noqa: F401 - fixtures: a private events Redis
-    Process,
-    events_redis,
-    events_url,
-    free_port,
-    wait_for,
-)
+from .test_flower import Process, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +75,23 @@ class NativeFlower(Process):
 
 
 @pytest.fixture(scope="module")
-def worker(events_url: str) -> Iterator[WorkerProcess]:  # noqa: F811 - fixture above
+def events_url() -> Iterator[str]:
+    """A private events Redis; this process's task-sent events and control calls use it too."""
+    redis = RedisServer().start()
+    old = os.environ.get("NANOGRID_EVENTS_BROKER_URL")
+    os.environ["NANOGRID_EVENTS_BROKER_URL"] = redis.url
+    get_settings.cache_clear()
+    yield redis.url
+    if old is None:
+        os.environ.pop("NANOGRID_EVENTS_BROKER_URL", None)
+    else:
+        os.environ["NANOGRID_EVENTS_BROKER_URL"] = old
+    get_settings.cache_clear()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(events_url: str) -> Iterator[WorkerProcess]:
     w = WorkerProcess(
         "native", concurrency=1, pool_python=1, pool_cpp=0, events_broker_url=events_url
     ).start()
@@ -208,3 +219,20 @@ def test_a_failed_run_is_visibly_failed_in_flower(flower, worker):
     # the result API still reads the backend: SUCCESS with the ExecutionResult
     stored = flower.request(f"/api/task/result/{bad.request_id}")
     assert stored["state"] == "SUCCESS" and stored["result"]["status"] == "error"
+
+
+def test_celery_control_shutdown_stops_the_worker(events_url):
+    w = WorkerProcess(
+        "shutdown", concurrency=1, pool_python=1, pool_cpp=0, events_broker_url=events_url
+    ).start()
+    hostname = f"{w.name}@{socket.gethostname()}"
+    try:
+        # a worker never replies to shutdown (stock Celery neither): the CLI says "No nodes
+        # replied" and exits 69; what counts is that the worker stops, cleanly
+        celery_cli("control", "shutdown", "--destination", hostname, "--timeout=2")
+        assert w.proc is not None and w.proc.wait(60) == 0, w.log_tail()
+        assert w.containers() == []  # a clean shutdown: its pool removed
+    finally:
+        w.stop()
+        for c in w.containers():
+            c.remove(force=True)
