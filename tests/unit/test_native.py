@@ -20,10 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_tasks_go_to_sqs_and_monitoring_to_the_events_redis():
-    assert "sqs" in app.connection_for_write().as_uri().lower() or "sqs" in str(
-        app.connection_for_write().transport_cls
-    )
-    assert app.connection().as_uri().startswith("redis://")
+    assert "sqs_transport" in app.connection_for_write().as_uri()  # tasks: SQS
+    assert app.connection().as_uri().startswith("redis://")  # Flower's capture: the events Redis
     assert app.pool.connection.as_uri() == app.connection_for_write().as_uri()
     assert "nanogrid.run_code" in app.tasks  # registered on import: Flower can apply it
 
@@ -97,3 +95,16 @@ def test_the_old_app_name_takes_its_broker_as_the_events_broker():
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0].endswith("127.0.0.1:6399/7") and "5000" in out[1]
+
+
+def test_without_an_events_broker_everything_is_stock_celery(monkeypatch):
+    from nanogrid_celery.config import get_settings
+
+    monkeypatch.setenv("NANOGRID_EVENTS_BROKER_URL", "")
+    get_settings.cache_clear()
+    try:
+        assert app.connection().as_uri() == app.connection_for_write().as_uri()
+        sqs = app.connection_for_read()
+        assert app.events.Receiver(sqs, handlers={}).connection is sqs
+    finally:
+        get_settings.cache_clear()
