@@ -135,3 +135,31 @@ def test_middleware_stamps_the_result_and_sends_only_after_postrun():
     result = ExecutionResult(request_id="r2", runtime="python", status=Status.SUCCESS)
     off.after_run(SimpleNamespace(request=SimpleNamespace(callback_url="https://x.org/")), result)
     assert result.callback.startswith("off:")
+
+
+def test_post_connects_to_the_checked_address_not_a_new_lookup():
+    """The host name is only the Host header: a name that does not resolve still arrives."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen["host"] = self.headers["Host"]
+            seen["body"] = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    target = cb.check_url(f"http://hooks.invalid:{port}/x", [])
+    try:
+        assert cb.post(target, "127.0.0.1", b"{}", {"Content-Type": "application/json"}, 5) == 204
+    finally:
+        server.server_close()
+    assert seen == {"host": f"hooks.invalid:{port}", "body": b"{}"}
