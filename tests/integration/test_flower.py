@@ -1,11 +1,10 @@
 """Issue #6: Flower works with an SQS broker - in its API and in a real (headless) browser.
 
-Flower runs under the old app name with ``--broker=<events redis>`` here, which keeps that
-alias tested; tests/integration/test_native.py starts it as ``celery -A nanogrid_celery flower``.
-
 A real worker (SQS broker) sends its events and answers remote control over a
-private Redis; Flower runs with ``--broker`` pointing at that Redis, exactly as
-``make up`` and docker-compose.yml start it. Chromium (Debian's ``chromium``,
+private Redis. Flower runs here under the old app name with ``--broker`` pointing
+at that Redis, which keeps that alias tested; ``make up``, docker-compose.yml and
+tests/integration/test_native.py start it as ``celery -A nanogrid_celery flower``
+with ``NANOGRID_EVENTS_BROKER_URL``. Chromium (Debian's ``chromium``,
 installed by scripts/bootstrap.sh) renders the pages; screenshots land in .run/.
 """
 
