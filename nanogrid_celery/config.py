@@ -143,6 +143,15 @@ class Settings:
     pip_extra_index_url: str = ""  # space-separated, as pip's own option
     pip_find_links: str = ""  # a local wheel folder; alone, it is the only source (no index)
     prebuilt_envs: str = ""  # "numpy;pandas,six": requirement sets (lines split by ",") warmed
+    # result callbacks (delivery/callbacks.py): the worker POSTs a run's signed result to its
+    # callback_url; no secret = off. allow: comma-separated host[:port] patterns ("" = any host
+    # with a public address); private/loopback/link-local only for an exact (wildcard-free) one
+    callback_secret: str = ""
+    callback_allow: str = ""
+    callback_timeout_s: float = 5.0
+    callback_attempts: int = 5
+    callback_backoff_s: float = 1.0
+    callback_queue_max: int = 1000
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

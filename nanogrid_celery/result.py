@@ -63,6 +63,7 @@ class ExecutionResult:
     limits: dict[str, Any] = field(default_factory=dict)
     deps_env: str | None = None  # the requirements.txt environment's key (sandbox/envs.py)
     deps_ms: float | None = None  # getting it: ~0.1 ms when built, the build on first use
+    callback: str | None = None  # callback_url delivery: "queued", "refused: ...", "off: ..."
 
     @property
     def ok(self) -> bool:

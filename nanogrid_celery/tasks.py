@@ -12,7 +12,14 @@ from nanogrid_celery.execution.runner import RunRequest
 from nanogrid_celery.service.worker import get_runner
 
 
-@app.task(name="nanogrid.run_code", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="nanogrid.run_code",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    # task events carry the run's status: a failed run is FAILURE in Flower (run_state.py)
+    Request="nanogrid_celery.monitoring.run_state:RunStateRequest",
+)
 def run_code(
     self,
     request_id: str | None = None,
@@ -24,9 +31,13 @@ def run_code(
     memory_mb: int | None = None,
     submitted_at: float | None = None,
     function: str | None = None,
+    callback_url: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict."""
+    """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict.
+
+    ``callback_url``: the worker POSTs the result there, signed (delivery/callbacks.py).
+    """
     received_at = time.time()
     request_id = request_id or self.request.id
     with request_context(request_id):
@@ -40,6 +51,7 @@ def run_code(
             memory_mb=memory_mb,
             submitted_at=submitted_at,
             function=function,
+            callback_url=callback_url,
         )
         return run_once(
             self, request_id, str(runtime), lambda: get_runner().execute(req, received_at).to_dict()

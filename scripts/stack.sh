@@ -18,7 +18,7 @@ export NANOGRID_METRICS_PORT=${NANOGRID_METRICS_PORT:-9808}
 WORKER_PATTERN="nanogrid_celery worker"
 # Where the worker sends Celery events and listens for remote control (events_broker_url).
 FLOWER_BROKER="${NANOGRID_EVENTS_BROKER_URL:-redis://$REDIS_HOST:$REDIS_PORT/1}"
-FLOWER_PATTERN="nanogrid_celery.monitoring.app --broker=$FLOWER_BROKER flower"
+FLOWER_PATTERN="nanogrid_celery flower"
 
 cd "$REPO_ROOT"
 export_local_aws_env
@@ -95,11 +95,11 @@ flower_up() {
     rotate_log "$log_file"
     log "starting Flower on http://127.0.0.1:$FLOWER_PORT (log: $log_file)"
     local pid
-    # The monitoring app (docs/monitoring.md) talks to the events Redis, not SQS. --broker is a
-    # celery option: it must come before `flower` (after it, Flower silently ignores it).
+    # The one NanoGrid app (docs/monitoring.md): events and remote control on the events Redis,
+    # tasks applied through Flower's API on SQS.
     pid="$(start_bg flower "$log_file" env FLOWER_UNAUTHENTICATED_API=true \
-        "$VENV/bin/celery" -A nanogrid_celery.monitoring.app --broker="$FLOWER_BROKER" flower \
-        --port="$FLOWER_PORT" --address=127.0.0.1)"
+        NANOGRID_EVENTS_BROKER_URL="$FLOWER_BROKER" \
+        "$VENV/bin/celery" -A nanogrid_celery flower --port="$FLOWER_PORT" --address=127.0.0.1)"
     # Flower is a convenience: a failure here is reported, not fatal.
     if wait_for_port 127.0.0.1 "$FLOWER_PORT" 30 "$pid"; then
         ok "Flower ready (pid $pid)"

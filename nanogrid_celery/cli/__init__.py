@@ -21,6 +21,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         timeout_ms=args.timeout_ms,
         memory_mb=args.memory_mb,
         function=args.function,
+        callback_url=args.callback_url,
         wait_timeout=args.wait,
     )
     if args.json:
@@ -39,6 +40,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             summary += f" - {result.message}"
         print(summary, file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from nanogrid_celery import client
+
+    bucket, key = client.upload_code(args.path)
+    kwargs = {"s3_bucket": bucket, "s3_key": key, "runtime": args.runtime}
+    print(json.dumps({"kwargs": kwargs}))  # the body of Flower's async-apply of run_code
+    return 0
 
 
 def _cmd_images_build(args: argparse.Namespace) -> int:
@@ -73,9 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout-ms", type=int)
     run.add_argument("--memory-mb", type=int)
     run.add_argument("--function", help="name for the auto-tuner (default: hash of the code)")
+    run.add_argument("--callback-url", help="the worker POSTs the signed result here too")
     run.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
     run.add_argument("--json", action="store_true", help="print the whole ExecutionResult")
     run.set_defaults(func=_cmd_run)
+
+    upload = sub.add_parser(
+        "upload", help="upload code, print run_code's kwargs (e.g. for Flower's task API)"
+    )
+    upload.add_argument("path")
+    upload.add_argument("--runtime", default="python")
+    upload.set_defaults(func=_cmd_upload)
 
     images = sub.add_parser("images", help="runtime images")
     images_sub = images.add_subparsers(dest="images_command", required=True)

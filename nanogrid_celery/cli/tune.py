@@ -43,36 +43,9 @@ def format_event(ev: dict[str, Any]) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from nanogrid_celery.common.redis import get_redis
-    from nanogrid_celery.middleware.result_stream import parse_entry, tail
+    from nanogrid_celery.cli.watch import cmd_watch as watch  # follows the stream, reconnects
 
-    settings = get_settings()
-    client = get_redis(settings.redis_url)
-    stream = args.stream or settings.events_stream
-    shown = 0
-
-    def emit(ev: dict[str, Any]) -> bool:
-        nonlocal shown
-        if args.function and ev.get("function") != args.function:
-            return True
-        print(json.dumps(ev) if args.json else format_event(ev), flush=True)
-        shown += 1
-        return not (args.count and shown >= args.count)
-
-    last_id = "$"
-    if args.last:
-        entries = list(reversed(client.xrevrange(stream, count=args.last)))
-        for entry_id, fields in entries:
-            last_id = entry_id
-            if not emit(parse_entry(fields)):
-                return 0
-    try:
-        for _entry_id, ev in tail(client, stream, last_id, block_ms=args.block_ms):
-            if not emit(ev):
-                return 0
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return watch(args, format_event)
 
 
 # -- tune ------------------------------------------------------------------------
@@ -145,13 +118,10 @@ def cmd_tune_reset(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``watch`` and ``tune`` on the main parser's subcommands."""
+    from nanogrid_celery.cli.watch import add_arguments
+
     watch = sub.add_parser("watch", help="tail the results stream live, one line per run")
-    watch.add_argument("--last", type=int, default=0, help="first print the last N results")
-    watch.add_argument("--function", help="only this function")
-    watch.add_argument("--count", type=int, default=0, help="exit after N lines")
-    watch.add_argument("--json", action="store_true", help="print each event as JSON")
-    watch.add_argument("--stream", help="stream key (default: NANOGRID_EVENTS_STREAM)")
-    watch.add_argument("--block-ms", type=int, default=5000, help=argparse.SUPPRESS)
+    add_arguments(watch)
     watch.set_defaults(func=cmd_watch)
 
     tune = sub.add_parser("tune", help="auto-tuner history and recommendations")

@@ -109,8 +109,12 @@ def submit(
     request_id: str | None = None,
     queue: str | None = None,
     settings: Settings | None = None,
+    callback_url: str | None = None,
 ) -> AsyncResult:
-    """Upload ``code`` (a file, a folder, or ``{name: content}``) and enqueue a run."""
+    """Upload ``code`` (a file, a folder, or ``{name: content}``) and enqueue a run.
+
+    ``callback_url``: the worker POSTs the signed result there (docs/callbacks.md).
+    """
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     bucket, key = upload_code(code, request_id, settings)
     return enqueue(
@@ -123,6 +127,7 @@ def submit(
         memory_mb=memory_mb,
         function=function,
         queue=queue,
+        callback_url=callback_url,
     )
 
 
@@ -139,3 +144,7 @@ def run(
 ) -> ExecutionResult:
     """Submit and wait: the simplest way to run code on NanoGrid."""
     return wait(submit(code, runtime, **options), timeout=wait_timeout)
+
+
+# canvas: signatures, map (many runs, one upload per distinct code)
+from nanogrid_celery.client.canvas import map, signature, signatures  # noqa: E402, F401

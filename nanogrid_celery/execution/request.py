@@ -26,6 +26,7 @@ class RunRequest:
     memory_mb: int | None = None
     submitted_at: float | None = None
     function: str | None = None
+    callback_url: str | None = None  # POSTed the result by delivery/callbacks.py, never run
 
 
 def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | None) -> RunLimits:

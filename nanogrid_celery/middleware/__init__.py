@@ -9,7 +9,7 @@ first and the final result last, and a hook that fails is logged and skipped:
 a broken observer never fails the run.
 
 :func:`default_middleware` is the one list that says which are on:
-``[metrics, result stream, tuner]``; after a run the tuner stamps its fields
+``[metrics, result stream, tuner, callbacks]``; after a run the tuner stamps its fields
 first, the stream publishes them, metrics count the final result.
 """
 
@@ -126,4 +126,9 @@ def default_middleware(settings: Settings) -> list[Middleware]:
         from nanogrid_celery.middleware.tuner import TunerMiddleware
 
         active.append(TunerMiddleware(settings))
+    # innermost of all: checks a run's callback_url and stamps result.callback before the
+    # stream publishes it; delivers after Celery stored the result (delivery/callbacks.py)
+    from nanogrid_celery.delivery.callbacks import CallbackMiddleware
+
+    active.append(CallbackMiddleware(settings))
     return active

@@ -1,44 +1,26 @@
-"""The Celery app as monitoring tools should see it - Flower, ``celery inspect``/``control``::
+"""Old name of the NanoGrid app, kept so existing commands keep working::
 
-    celery -A nanogrid_celery.monitoring.app flower --port=5555
-    celery -A nanogrid_celery.monitoring.app inspect active
+    celery -A nanogrid_celery.monitoring.app --broker=redis://<events-redis>/1 flower
 
-It is configured like the task app (``celeryconfig``), with three changes:
-
-* its broker is the monitoring Redis (``NANOGRID_EVENTS_BROKER_URL``), where
-  workers send their events and listen for remote control - not SQS, which
-  carries neither (``--broker=...`` still overrides it);
-* no SQS transport or transport options;
-* no broker connection pool. kombu's Redis transport can hand a pooled
-  connection to the next control call while a BRPOP for the previous call's
-  reply queue is still pending on it; that call then never reads its own
-  replies. In Flower, whose thread pool mixes threads and pooled connections,
-  most inspect calls came back empty and pool grow/shrink answered 403;
-  with a fresh connection per call (a few ms) every reply arrives.
+It is :data:`nanogrid_celery.app.app` - tasks on SQS, events and remote control
+on the events Redis - so use ``celery -A nanogrid_celery`` instead. Before that
+app existed, this one's *broker* was the events Redis, and commands passed it
+as ``--broker=redis://...`` (``CELERY_BROKER_URL``). Such a URL is taken here
+as the events broker, so those commands watch the same Redis as before and
+Flower's task API sends to SQS like every other client.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import os
 
 from nanogrid_celery.config import get_settings
 
+_legacy = os.environ.get("CELERY_BROKER_URL", "")
+if _legacy and not _legacy.startswith("sqs://"):
+    os.environ["NANOGRID_EVENTS_BROKER_URL"] = os.environ.pop("CELERY_BROKER_URL")
+    get_settings.cache_clear()
 
-def monitoring_app() -> Celery:
-    """A Celery app of its own (the task app is left untouched), configured as above."""
-    mon = Celery("nanogrid", set_as_current=False)
-    mon.config_from_object("celeryconfig")
-    overrides: dict = {
-        "broker_transport": None,
-        "broker_transport_options": {},
-        "broker_pool_limit": 0,
-    }
-    if get_settings().events_broker_url:
-        overrides["broker_url"] = get_settings().events_broker_url
-    mon.conf.update(overrides)
-    return mon
+from nanogrid_celery.app import app  # noqa: E402
 
-
-app = monitoring_app()
-
-__all__ = ["app", "monitoring_app"]
+__all__ = ["app"]

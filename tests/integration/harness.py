@@ -23,7 +23,12 @@ class WorkerProcess:
     """One worker with its own queue and instance label, so tests never share containers."""
 
     def __init__(
-        self, name: str, concurrency: int = 1, pool: str = "prefork", **env: str | int
+        self,
+        name: str,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        include: str | None = None,
+        **env: str | int,
     ) -> None:
         uid = uuid.uuid4().hex[:6]
         self.name = f"{name}-{uid}"
@@ -31,6 +36,7 @@ class WorkerProcess:
         self.queue = f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
         self.concurrency = concurrency
         self.pool = pool  # celery's -P: prefork (a pool per child) or threads (one shared pool)
+        self.include = include  # extra task modules (celery worker --include), e.g. errbacks
         self.env = {
             **os.environ,
             "NANOGRID_INSTANCE": self.instance,
@@ -66,6 +72,7 @@ class WorkerProcess:
                 f"--pool={self.pool}",
                 "-n",
                 f"{self.name}@%h",
+                *([f"--include={self.include}"] if self.include else []),
             ],
             cwd=REPO,
             env=self.env,

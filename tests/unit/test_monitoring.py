@@ -12,7 +12,6 @@ from nanogrid_celery.common import logs
 from nanogrid_celery.delivery.deadletter import DeadLetterConsumer
 from nanogrid_celery.monitoring import prometheus as metrics
 from nanogrid_celery.monitoring import redis_events as events_consumer
-from nanogrid_celery.monitoring.app import monitoring_app
 from nanogrid_celery.monitoring.sent_events import sent_event_fields
 from nanogrid_celery.result import ExecutionResult, Status
 from nanogrid_celery.service.consumer import WorkerConsumer
@@ -120,23 +119,6 @@ def test_worker_consumer_moves_control_to_redis_and_keeps_dead_letters():
     assert events_consumer.REDIS_CONTROL in steps
     assert events_consumer.STOCK_CONTROL not in steps
     assert "celery.worker.consumer.events:Events" in steps
-
-
-def test_monitoring_app_talks_to_redis_without_a_pool(monkeypatch):
-    from nanogrid_celery.app import app as task_app
-    from nanogrid_celery.config import get_settings
-
-    monkeypatch.setenv("NANOGRID_EVENTS_BROKER_URL", "redis://127.0.0.1:6399/4")
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    get_settings.cache_clear()
-    try:
-        mon = monitoring_app()
-        assert mon.conf.broker_url == "redis://127.0.0.1:6399/4"
-        assert mon.conf.broker_pool_limit == 0
-        assert not mon.conf.broker_transport and mon.conf.broker_transport_options == {}
-        assert task_app.conf.broker_url.startswith("sqs://")  # the task app is untouched
-    finally:
-        get_settings.cache_clear()
 
 
 class FakeChannel:
