@@ -40,6 +40,7 @@ class Step:
     stderr_max: int
     stdin: bool  # read /sandbox/stdin (the run step) or nothing (the compile step)
     prepare_next: bool = False  # another step follows at once: the agent may fork its spare now
+    rlimits: dict[str, int] | None = None  # nofile / fsize / stack (soft = hard), scratch.py
 
 
 class Executor(Protocol):
