@@ -5,7 +5,7 @@ can remount a tmpfs or remove another user's IPC object; the host can, after
 entering the container's mount and IPC namespaces. ``setns`` into a mount
 namespace is refused to a multi-threaded process (the worker has threads), so
 a forked child does it, reports one JSON line on a pipe and exits. Measured:
-~2-4 ms per call (the fork of the worker process dominates), so it is made
+~4 ms per call (the fork dominates), so it is made
 only when a size changes or a run may have made IPC objects (the agent
 reports that; ``exec`` runs always sweep).
 

@@ -7,7 +7,8 @@ stack: every entry of a top-level directory is renamed up into the top (one
 ``renameat`` each, as the only way down is through that directory), then the
 emptied directory is removed, until the top is empty. Each entry moves once,
 so a tree of n entries costs O(n) system calls; measured: a 5,000-deep chain
-wipes in ~60 ms, 20,000 files in ~150 ms. Names are never parsed (newlines,
+wipes in ~75 ms on a host tmpfs and ~250 ms in a container's, 20,000 files
+in ~90 ms (2 loaded cores). Names are never parsed (newlines,
 odd bytes are fine) and links are never followed. Permissions do not matter to
 root (the worker); without root, a directory is made ``0700`` before entry.
 """
