@@ -35,7 +35,13 @@ from nanogrid_celery.sandbox.cgroups import ContainerCgroup
 from nanogrid_celery.sandbox.executors import Executor
 from nanogrid_celery.sandbox.lease import Lease, LeaseState, ctl_dir
 from nanogrid_celery.sandbox.paths import SANDBOX_DIR
-from nanogrid_celery.sandbox.scratch import SANDBOX_MOUNT, SHM_MOUNT, TMP_MOUNT, scratch_sizes
+from nanogrid_celery.sandbox.scratch import (
+    SANDBOX_MOUNT,
+    SHM_MOUNT,
+    TMP_MOUNT,
+    scratch_sizes,
+    tmpfs_data,
+)
 
 log = get_logger(__name__)
 
@@ -77,8 +83,8 @@ def create_kwargs(
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {
-            "/tmp": f"rw,exec,nosuid,nodev,size={sizes[TMP_MOUNT] // 1024}k,mode=1777",
-            SANDBOX_DIR: f"rw,exec,nosuid,nodev,size={sizes[SANDBOX_MOUNT] // 1024}k,mode=0755",
+            "/tmp": f"rw,exec,nosuid,nodev,{tmpfs_data(sizes[TMP_MOUNT])},mode=1777",
+            SANDBOX_DIR: f"rw,exec,nosuid,nodev,{tmpfs_data(sizes[SANDBOX_MOUNT])},mode=0755",
         },
         "shm_size": sizes[SHM_MOUNT],
         "volumes": {},
@@ -133,10 +139,16 @@ def create_container(
                 break
             time.sleep(0.005)
     lease = Lease(container, runtime, host_dir, keep, cgroup, init_pid)
-    lease.scratch_sizes = scratch_sizes(settings.limits.default_memory_mb * 1024 * 1024)
     if not executor.wait_ready(lease):
         destroy(lease)
         raise ContainerStartFailed(f"{executor.name} keeper in {lease.short_id} did not come up")
+    sizes = scratch_sizes(settings.limits.default_memory_mb * 1024 * 1024)
+    try:  # once per container, off the hot path: /dev/shm gets its inode bound (docker sets none)
+        lease.in_namespaces(sizes, sweep_ipc=False)
+    except Exception as exc:
+        destroy(lease)
+        raise ContainerStartFailed(f"could not size the scratch mounts: {exc}") from exc
+    lease.scratch_sizes = sizes
     return lease
 
 

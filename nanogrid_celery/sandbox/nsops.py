@@ -27,6 +27,7 @@ import signal
 import time
 
 from nanogrid_celery.errors import SandboxDirty
+from nanogrid_celery.sandbox.scratch import tmpfs_data
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -98,7 +99,7 @@ def _child(fds: list[int], resize: dict[str, int], sweep_ipc: bool, out: int) ->
             if _libc.setns(fd, kind) != 0:
                 raise OSError(ctypes.get_errno(), "setns failed")
         for mount, size in resize.items():
-            data = f"size={size // 1024}k".encode()
+            data = tmpfs_data(size).encode()
             target = f"/{mount}".encode()
             if _libc.mount(b"none", target, None, MS_REMOUNT | MOUNT_FLAGS[mount], data) != 0:
                 err = ctypes.get_errno()

@@ -7,7 +7,9 @@ the container's memory cgroup: a tmpfs as large as the memory limit turns
 of it, ``/sandbox`` (the writable working directory, plus room for the staged
 code and stdin) a quarter, ``/tmp`` and ``/dev/shm`` an eighth each. A writer
 meets ENOSPC while at least half the limit is still the program's own, and a
-program that handles the error exits normally. Nothing writable is on host
+program that handles the error exits normally. Inodes are bounded too (one
+per 2 KiB of size): a million empty files would cost kernel memory and a
+long reset, not scratch size. Nothing writable is on host
 disk (``/run/nanogrid`` is the agent's, mode 0700 root).
 
 Per-run rlimits bound the kernel objects a program can hoard: open files
@@ -27,6 +29,7 @@ STAGING_ROUND = 4 * MB  # room for code + stdin, rounded so that similar runs ne
 MIN_SCRATCH = 1 * MB
 NOFILE = 1024
 STACK_BYTES = 64 * MB
+INODE_BYTES = 2048  # one inode per 2 KiB of size: bounds kernel memory and the reset's work
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -38,6 +41,11 @@ def scratch_sizes(memory_bytes: int, staged_bytes: int = 0) -> dict[str, int]:
     sizes = {m: max(MIN_SCRATCH, _round_up(memory_bytes // d, 4096)) for m, d in SHARES.items()}
     sizes[SANDBOX_MOUNT] += _round_up(max(staged_bytes, 1), STAGING_ROUND)
     return sizes
+
+
+def tmpfs_data(size: int) -> str:
+    """The tmpfs mount data for ``size`` bytes (also bounds inodes: empty files cost no size)."""
+    return f"size={size // 1024}k,nr_inodes={max(1024, size // INODE_BYTES)}"
 
 
 def rlimits(memory_bytes: int) -> dict[str, int]:

@@ -17,7 +17,7 @@ import os
 from nanogrid_celery.errors import InternalError
 from nanogrid_celery.sandbox.lease import Lease
 
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_files(
@@ -27,7 +27,7 @@ def write_files(
     uid, gid = owner
     try:
         root = lease.code_dir
-        root.mkdir(mode=0o755)
+        root.mkdir(mode=0o755, exist_ok=True)
         os.chown(root, uid, gid)
         for name, content in files.items():
             path = root / name

@@ -58,9 +58,14 @@ def runner(request, counted):
 
 
 def pair(w: WorkerProcess, plant: dict, check: dict, runtime: str = "python", **options):
-    """Run ``plant`` then ``check`` on the same container; both results."""
+    """Run ``plant`` then ``check`` on the same container; both results.
+
+    An explicit memory limit (256 MiB unless given) keeps the tuner out: the
+    scratch sizes these attacks hit follow the limit.
+    """
+    options.setdefault("memory_mb", 256)
     first = w.run(plant, runtime, **options)
-    second = w.run(check, runtime)
+    second = w.run(check, runtime, memory_mb=256)
     assert second.container_id == first.container_id, "the two runs must share a container"
     assert Status.INTERNAL_ERROR not in (first.status, second.status), (first, second)
     return first, second
@@ -131,6 +136,32 @@ def test_filling_scratch_is_enospc_well_before_the_memory_limit(runner, path, me
     assert code in ("ENOSPC", "EDQUOT", "EFBIG"), first.stdout
     assert int(mib) <= memory_mb // 2, f"{mib} MiB written under a {memory_mb} MiB limit"
     assert second.status == Status.SUCCESS and second.stdout.endswith(" []\n"), second
+
+
+INODES = """
+import errno, os
+made = 0
+try:
+    while made < 100_000:
+        os.close(os.open({path!r} + '/f%d' % made, os.O_CREAT | os.O_WRONLY, 0o600))
+        made += 1
+except OSError as exc:
+    print(errno.errorcode[exc.errno], made)
+else:
+    print('NO ERROR', made)
+"""
+
+
+@pytest.mark.parametrize("path", ["/tmp", "/dev/shm", "."])
+def test_empty_files_are_bounded_too(runner, path):
+    """Inodes cost kernel memory and reset time, not size: each mount bounds them."""
+    first, second = pair(
+        runner, py(INODES.format(path=path)), py("import os; print(len(os.listdir('/tmp')))")
+    )
+    assert first.status == Status.SUCCESS, first
+    code, made = first.stdout.split()
+    assert code == "ENOSPC" and int(made) <= 40_000, first.stdout
+    assert (second.status, second.stdout) == (Status.SUCCESS, "0\n"), second
 
 
 def test_every_writable_mount_is_bounded_memory(runner):
