@@ -9,7 +9,7 @@ reset before the run step; OOM is the cgroup's ``oom_kill`` counter (an exec'd
 process killed by the limit leaves ``State.OOMKilled`` false); CPU time is
 the cgroup's usage delta. The writable mounts are resized to the run's
 memory limit before staging (``scratch.py``; a remount only when the size
-changes, ~4 ms, so runs under the default limit never pay it), and each
+changes, ~4-10 ms, so runs under an unchanged limit never pay it), and each
 step carries the run's rlimits.
 """
 
