@@ -131,6 +131,7 @@ def _handle_until_done(
     code = 0
     try:
         agent = Agent(kill_scope, Buffers(buffer_bytes))
+        agent.exit_after_run = True
         while True:
             try:
                 agent.handle(conn)
@@ -168,6 +169,7 @@ class Agent:
         self.buffers = buffers
         self.spare: Child | None = None
         self.want_spare = False
+        self.exit_after_run = False  # set in a handler: its memory holds this run's data
 
     def handle(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -196,6 +198,8 @@ class Agent:
         conn.settimeout(30)
         _send_vectored(conn, [json.dumps(header).encode() + b"\n", out, err])
         self.want_spare = bool(req.get("prepare_next"))
+        if not self.want_spare and self.exit_after_run:
+            os._exit(0)  # at once: the host's reset should not find this handler still alive
 
     def prepare(self) -> None:
         self.want_spare = False
