@@ -7,7 +7,10 @@ container's cgroup files (~13 us a file, against 1-2 s for ``stats()`` and
 says what the kernel enforced, not what we asked. Per-run peak memory is
 reset before the run step; OOM is the cgroup's ``oom_kill`` counter (an exec'd
 process killed by the limit leaves ``State.OOMKilled`` false); CPU time is
-the cgroup's usage delta.
+the cgroup's usage delta. The writable mounts are resized to the run's
+memory limit before staging (``scratch.py``; a remount only when the size
+changes, ~4-10 ms, so runs under an unchanged limit never pay it), and each
+step carries the run's rlimits.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from nanogrid_celery.sandbox.lease import Lease, LeaseState
 from nanogrid_celery.sandbox.limits import RunLimits
 from nanogrid_celery.sandbox.outcome import Outcome, classify, compile_failure
 from nanogrid_celery.sandbox.reset import reset_container
+from nanogrid_celery.sandbox.scratch import rlimits, scratch_sizes
 from nanogrid_celery.sandbox.staging import write_files
 
 COMPILE_OUTPUT_CAP = 64 * 1024
@@ -32,6 +36,8 @@ class Sandbox:
     def __init__(self, settings: Settings, executor: Executor) -> None:
         self.settings = settings
         self.executor = executor
+        uid, _, gid = settings.sandbox_user.partition(":")
+        self.owner = int(uid), int(gid or uid)
 
     def run(
         self,
@@ -42,7 +48,14 @@ class Sandbox:
         limits: RunLimits,
     ) -> Outcome:
         lease.to(LeaseState.RUNNING)
-        write_files(lease, files, stdin)
+        staged = sum(map(len, files.values())) + len(stdin or b"")
+        sizes = scratch_sizes(limits.memory_bytes, staged)
+        changed = {m: n for m, n in sizes.items() if lease.scratch_sizes.get(m) != n}
+        if changed:  # the reset emptied them, so shrinking cannot fail for lack of room
+            lease.in_namespaces(changed, sweep_ipc=False)
+            lease.scratch_sizes.update(changed)
+        lease.ipc_maybe = False  # each step says whether it may have left IPC objects
+        write_files(lease, files, stdin, self.owner)
         with wrap(InternalError, "cgroup access failed", (OSError,)):
             return self._run(lease, plan, limits)
 
@@ -60,6 +73,7 @@ class Sandbox:
                 COMPILE_OUTPUT_CAP,
                 stdin=False,
                 prepare_next=True,  # the run step follows: the agent forks a spare for it now
+                rlimits=rlimits(lim.compile_memory_mb * MB),
             )
             res = self.executor.start(lease, step)
             compile_ms = res.duration_ms
@@ -80,6 +94,7 @@ class Sandbox:
             limits.stderr_max_bytes,
             True,
             env=plan.env or None,
+            rlimits=rlimits(limits.memory_bytes),
         )
         res = self.executor.start(lease, step)
         cpu1 = cg.cpu_ns()

@@ -1,12 +1,15 @@
 """How a sandbox container is made, found and destroyed (one place for the hardening).
 
 Every container is created from :func:`create_kwargs`: no network, read-only
-root, tmpfs scratch, all capabilities dropped, no-new-privileges, pids/memory/
-CPU limits and an init that reaps zombies. The only host path it sees is its
-own lease directory, mounted read-only at ``/sandbox`` (with the agent executor
-also the lease's private control directory at ``/run/nanogrid``: mode 0700,
-root only, where the in-container agent listens; the agent keeps SETUID and
-SETGID to drop each program to the sandbox user). Labels carry the worker
+root, tmpfs scratch sized from the memory limit (``scratch.py``: ``/sandbox``
+holds the writable working directory, ``/tmp``, ``/dev/shm``), all capabilities
+dropped, no-new-privileges, pids/memory/CPU limits and an init that reaps
+zombies. No host path is writable or readable by a program: code is staged
+into the container's own ``/sandbox`` tmpfs from the host (``staging.py``); the
+host lease directory is 0700 and, with the agent executor, holds the private
+control directory mounted at ``/run/nanogrid`` (mode 0700, root only, where the
+in-container agent listens; the agent keeps SETUID and SETGID to drop each
+program to the sandbox user). Labels carry the worker
 host, pid and process start time so a later worker can tell an orphan (its
 owner is gone) from a sibling's live container.
 """
@@ -33,10 +36,18 @@ from nanogrid_celery.sandbox.envs import env_mount
 from nanogrid_celery.sandbox.executors import Executor
 from nanogrid_celery.sandbox.lease import Lease, LeaseState, ctl_dir
 from nanogrid_celery.sandbox.paths import SANDBOX_DIR
+from nanogrid_celery.sandbox.scratch import (
+    SANDBOX_MOUNT,
+    SHM_MOUNT,
+    TMP_MOUNT,
+    scratch_sizes,
+    tmpfs_data,
+)
 
 log = get_logger(__name__)
 
 LABEL = "nanogrid"
+DIR_LABEL = f"{LABEL}.dir"  # the lease directory, for cleanup (no bind mount names it)
 
 
 def owner_labels(settings: Settings) -> dict[str, str]:
@@ -60,7 +71,9 @@ def create_kwargs(
 ) -> dict:
     lim = settings.limits
     memory = lim.default_memory_mb * 1024 * 1024
+    sizes = scratch_sizes(memory)
     labels = owner_labels(settings) | {f"{LABEL}.runtime": runtime, f"{LABEL}.role": role}
+    labels[DIR_LABEL] = str(host_dir)
     kwargs = {
         "image": settings.image_for(runtime),
         "command": ["sleep", "infinity"],
@@ -71,9 +84,11 @@ def create_kwargs(
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {
-            "/tmp": f"rw,exec,nosuid,nodev,size={lim.tmpfs_mb}m,mode=1777",
+            "/tmp": f"rw,exec,nosuid,nodev,{tmpfs_data(sizes[TMP_MOUNT])},mode=1777",
+            SANDBOX_DIR: f"rw,exec,nosuid,nodev,{tmpfs_data(sizes[SANDBOX_MOUNT])},mode=0755",
         },
-        "volumes": {str(host_dir): {"bind": SANDBOX_DIR, "mode": "ro"}},
+        "shm_size": sizes[SHM_MOUNT],
+        "volumes": {},
         "working_dir": SANDBOX_DIR,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
@@ -106,8 +121,8 @@ def create_container(
     base = Path(settings.work_root) / settings.instance
     host_dir = base / uuid.uuid4().hex
     with wrap(ContainerStartFailed, "could not create a container"):
-        (host_dir / "code").mkdir(parents=True, mode=0o755)
-        host_dir.chmod(0o755)
+        host_dir.mkdir(parents=True, mode=0o700)
+        host_dir.chmod(0o700)
         kwargs = create_kwargs(settings, executor, runtime, host_dir, role)
         try:
             executor.prepare_host(host_dir)
@@ -129,6 +144,13 @@ def create_container(
     if not executor.wait_ready(lease):
         destroy(lease)
         raise ContainerStartFailed(f"{executor.name} keeper in {lease.short_id} did not come up")
+    sizes = scratch_sizes(settings.limits.default_memory_mb * 1024 * 1024)
+    try:  # once per container, off the hot path: /dev/shm gets its inode bound (docker sets none)
+        lease.in_namespaces(sizes, sweep_ipc=False)
+    except Exception as exc:
+        destroy(lease)
+        raise ContainerStartFailed(f"could not size the scratch mounts: {exc}") from exc
+    lease.scratch_sizes = sizes
     return lease
 
 
@@ -178,6 +200,8 @@ def count_host_containers(client: docker.DockerClient) -> int:
 
 
 def _mounted_dir(container: Container) -> str | None:
+    if container.labels.get(DIR_LABEL):
+        return container.labels[DIR_LABEL]
     for mount in container.attrs.get("Mounts", []):
         if mount.get("Destination") == SANDBOX_DIR:
             return mount.get("Source")

@@ -63,6 +63,8 @@ class Lease:
     uses: int = 0
     created_at: float = field(default_factory=time.monotonic)
     state: LeaseState = LeaseState.CREATED
+    scratch_sizes: dict[str, int] = field(default_factory=dict)  # tmpfs sizes now mounted
+    ipc_maybe: bool = True  # a run may have left IPC objects: the reset sweeps them
 
     def to(self, state: LeaseState) -> None:
         """Move to ``state``; anything may be discarded, other moves follow the diagram."""
@@ -80,11 +82,18 @@ class Lease:
 
     @property
     def code_dir(self) -> Path:
-        return self.host_dir / "code"
+        """The run's writable working directory, on the container's ``/sandbox`` tmpfs."""
+        return self.root_view / "sandbox" / "code"
 
     @property
     def ctl_dir(self) -> Path:
         return ctl_dir(self.host_dir)
+
+    def in_namespaces(self, resize: dict[str, int] | None, sweep_ipc: bool) -> None:
+        """Resize scratch mounts and/or sweep IPC inside the container (``nsops``)."""
+        from nanogrid_celery.sandbox.nsops import in_container
+
+        in_container(self.init_pid, resize, sweep_ipc)
 
     @property
     def root_view(self) -> Path:

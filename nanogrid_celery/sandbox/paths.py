@@ -1,9 +1,11 @@
 """Where things are inside a sandbox container, and the environment a program gets.
 
-The only host paths a container sees are its own lease directory, read-only
-at ``/sandbox`` (``code/`` and ``stdin``), and for the agent executor its
-private control directory at ``/run/nanogrid`` (host mode 0700: uid 65534 can
-neither see nor connect to it).
+``/sandbox`` is the container's own tmpfs: ``code/`` is the run's writable
+working directory (a copy of its code, owned by the sandbox user) and
+``stdin`` its input (root's, read-only); both are staged from the host and
+wiped with the run. The only host path a container sees is, for the agent
+executor, its private control directory at ``/run/nanogrid`` (host mode 0700:
+uid 65534 can neither see nor connect to it).
 """
 
 SANDBOX_DIR = "/sandbox"

@@ -2,26 +2,27 @@
 
 Reset kills every process but the container's init and keeper through the
 pids cgroup (~0.2 ms; killing the exec's pid would leave its children), wipes
-``/tmp``, ``/dev/shm`` (through ``/proc/<init pid>/root``, from the host, so no
-``docker exec`` at 55-80 ms) and the code directory, and restores the default
-limits. Then it checks: no process left, init and keeper alive, every wiped
-directory empty. Anything it cannot verify raises :class:`SandboxDirty` and
+every writable mount - ``/sandbox`` (working directory and stdin), ``/tmp``,
+``/dev/shm`` - through ``/proc/<init pid>/root``, from the host, so no
+``docker exec`` at 55-80 ms (``wipe.empty_dir``: any depth, no recursion),
+removes every SysV and POSIX IPC object when the run may have made one
+(``nsops``: a 160 MiB shm segment left behind stayed charged to every later
+tenant), and restores the default limits. Then it checks: no process left,
+init and keeper alive, every wiped directory empty, no IPC object. Anything it
+cannot verify - and any exception at all - raises :class:`SandboxDirty`, and
 the pool destroys the container instead of reusing it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from pathlib import Path
-
 from nanogrid_celery.common.units import MB
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import SandboxDirty
 from nanogrid_celery.sandbox.lease import Lease
+from nanogrid_celery.sandbox.scratch import SHARES
+from nanogrid_celery.sandbox.wipe import empty_dir
 
-SCRATCH_DIRS = ("tmp", "dev/shm")
+SCRATCH_DIRS = tuple(SHARES)  # every writable mount: sandbox (cwd + stdin), tmp, dev/shm
 
 
 def reset_container(settings: Settings, lease: Lease) -> None:
@@ -36,21 +37,19 @@ def reset_container(settings: Settings, lease: Lease) -> None:
             raise SandboxDirty("the container's init or keeper died")
         for rel in SCRATCH_DIRS:
             empty_dir(lease.root_view / rel)
-        empty_dir(lease.code_dir)
-        with contextlib.suppress(FileNotFoundError):
-            (lease.host_dir / "stdin").unlink()
+        if lease.ipc_maybe:
+            lease.in_namespaces(None, sweep_ipc=True)  # verifies, or raises
+            lease.ipc_maybe = False
         lim = settings.limits
         cg.set_memory_limit(lim.default_memory_mb * MB)
         cg.set_pids_limit(lim.pids)
+        for rel in SCRATCH_DIRS:
+            if any((lease.root_view / rel).iterdir()):
+                raise SandboxDirty(f"/{rel} is not empty after the wipe")
     except SandboxDirty:
         raise
-    except OSError as exc:
-        raise SandboxDirty(f"reset failed: {exc}") from exc
-    for rel in SCRATCH_DIRS:
-        if any((lease.root_view / rel).iterdir()):
-            raise SandboxDirty(f"/{rel} is not empty after the wipe")
-    if any(lease.code_dir.iterdir()):
-        raise SandboxDirty("code directory is not empty after the wipe")
+    except Exception as exc:  # anything unforeseen: never reuse the container
+        raise SandboxDirty(f"reset failed: {type(exc).__name__}: {exc}") from exc
 
 
 def container_alive(lease: Lease) -> bool:
@@ -59,14 +58,3 @@ def container_alive(lease: Lease) -> bool:
         return lease.keep_pids <= lease.cgroup.procs()
     except OSError:
         return False
-
-
-def empty_dir(path: Path) -> None:
-    """Remove everything inside ``path`` without following links out of it."""
-    with os.scandir(path) as entries:
-        for entry in entries:
-            full = os.path.join(path, entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(full)
-            else:
-                os.unlink(full)

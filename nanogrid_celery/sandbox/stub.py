@@ -75,10 +75,13 @@ class StubLease(Lease):
 
     def __init__(self, runtime: str) -> None:
         host = Path(tempfile.mkdtemp(prefix="nanogrid-stub-"))
-        (host / "code").mkdir()
-        for scratch in ("root/tmp", "root/dev/shm"):
+        for scratch in ("root/tmp", "root/dev/shm", "root/sandbox"):
             (host / scratch).mkdir(parents=True)
         super().__init__(StubContainer(), runtime, host, {1, 2}, StubCgroup(), 1)  # type: ignore[arg-type]
+
+    def in_namespaces(self, resize: dict[str, int] | None, sweep_ipc: bool) -> None:
+        """No namespaces to enter: sizes and IPC sweeps are only recorded."""
+        self.scratch_sizes.update(resize or {})
 
     @property
     def root_view(self) -> Path:

@@ -159,9 +159,10 @@ def test_network_is_unreachable(run):
 
 
 def test_filesystem_is_read_only_outside_scratch(run):
+    # /sandbox/code is the run's writable working directory since issue 11 (test_hostile.py)
     code = (
         "import os\n"
-        "for path in ['/sandbox/code/x', '/sandbox/x', '/etc/x', '/x', '/var/tmp/x', '/usr/x',\n"
+        "for path in ['/sandbox/stdin', '/sandbox/x', '/etc/x', '/x', '/var/tmp/x', '/usr/x',\n"
         "             '/root/x', '/home/x']:\n"
         "    try:\n"
         "        open(path, 'w').write('x'); print('WROTE', path)\n"
@@ -230,7 +231,7 @@ def test_killed_by_signal_is_reported(run):
 def test_cpp_runtime_is_hardened_too(run):
     code = (
         "#include <cstdio>\n#include <unistd.h>\n"
-        'int main(){ FILE* f = fopen("/sandbox/code/x", "w"); '
+        'int main(){ FILE* f = fopen("/sandbox/x", "w"); '
         'printf("%d %d\\n", getuid(), f == nullptr); }\n'
     )
     result = run({"main.cpp": code}, "cpp")

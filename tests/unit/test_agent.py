@@ -341,3 +341,33 @@ def test_zygote_puts_pythonpath_on_sys_path_where_python3_does(agent, code_dir):
     # nothing else removed: the next run without PYTHONPATH does not see it
     header, out, _ = run_py(agent, code_dir, "import sys\nprint(sys.path)\n")
     assert str(site) not in out.decode()
+
+
+def test_the_kill_path_runs_as_no_uid_a_program_can_signal(monkeypatch):
+    """kill(-1) with only the *effective* uid the sandbox user's: the real uid is nobody's and
+    the saved uid root, so a program can neither SIGSTOP nor ptrace the killer; no helper is
+    forked (a forked helper running as the sandbox user could be stopped and held the slot)."""
+    calls: list[tuple] = []
+    ids = {"r": 0, "e": 0, "s": 0}
+
+    def setresuid(r: int, e: int, s: int) -> None:
+        ids.update(r=r, e=e, s=s)
+        calls.append(("setresuid", r, e, s))
+
+    def kill(pid: int, sig: int) -> None:
+        calls.append(("kill", pid, sig, ids["r"], ids["e"], ids["s"]))
+
+    def fork() -> int:
+        calls.append(("fork",))
+        raise OSError("no fork in this test")
+
+    monkeypatch.setattr(agent_module.os, "setresuid", setresuid)
+    monkeypatch.setattr(agent_module.os, "kill", kill)
+    monkeypatch.setattr(agent_module.os, "fork", fork)
+    monkeypatch.setattr(agent_module.os, "getuid", lambda: 0)
+    agent_module._Killer("uid", 12345, 65534, 65534).kill()
+    kills = [c for c in calls if c[0] == "kill"]
+    assert ("fork",) not in calls
+    assert kills and all(c[1] == -1 and c[4] == 65534 for c in kills)
+    assert all(c[3] not in (0, 65534) and c[5] == 0 for c in kills), kills
+    assert calls[-1] == ("setresuid", 0, 0, 0)

@@ -41,6 +41,7 @@ class Step:
     stdin: bool  # read /sandbox/stdin (the run step) or nothing (the compile step)
     prepare_next: bool = False  # another step follows at once: the agent may fork its spare now
     env: dict[str, str] | None = None  # on top of paths.ENV (a requirements env's PYTHONPATH)
+    rlimits: dict[str, int] | None = None  # nofile / fsize / stack (soft = hard), scratch.py
 
 
 class Executor(Protocol):

@@ -145,6 +145,7 @@ class AgentExecutor:
             "gid": self.gid,
             "mode": "python" if zygote else "exec",
             "prepare_next": step.prepare_next,
+            "rlimits": step.rlimits,
         }
         try:
             header, out, err = agent_call(
@@ -157,6 +158,8 @@ class AgentExecutor:
             raise AgentProtocolError(f"agent request failed: {exc}") from exc
         if not header.get("ok"):
             raise AgentProtocolError(f"the agent could not run {argv[0]}: {header.get('error')}")
+        if header.get("ipc") != 0:  # the agent saw IPC objects (or could not look): sweep
+            lease.ipc_maybe = True
         if header.get("dirty"):  # leftovers the agent could not kill: the cgroup kill can
             log.warning("agent left processes behind; killing them through the cgroup")
             lease.cgroup.kill_all_except(lease.keep_pids)

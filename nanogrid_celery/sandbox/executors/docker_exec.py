@@ -32,6 +32,20 @@ from nanogrid_celery.sandbox.reset import container_alive
 log = get_logger(__name__)
 
 
+def _shell(step: Step) -> str:
+    """The exec'd shell applies the run's rlimits (soft = hard), then becomes the program."""
+    lim = step.rlimits or {}
+    ulimits = []
+    if "nofile" in lim:
+        ulimits.append(f"ulimit -n {lim['nofile']}")
+    if "fsize" in lim:
+        ulimits.append(f"ulimit -f {lim['fsize'] // 512}")  # 512-byte blocks
+    if "stack" in lim:
+        ulimits.append(f"ulimit -s {lim['stack'] // 1024}")  # KiB
+    redirect = f" < {STDIN_PATH}" if step.stdin else ""
+    return " && ".join([*ulimits, f'exec "$@"{redirect}'])
+
+
 class DockerExecExecutor:
     """Starts each process with ``docker exec`` as the sandbox user."""
 
@@ -56,7 +70,8 @@ class DockerExecExecutor:
     def start(self, lease: Lease, step: Step) -> ProcessResult:
         api = self.client.api
         argv = step.argv
-        cmd = ["sh", "-c", f'exec "$@" < {STDIN_PATH}', "sh", *argv] if step.stdin else argv
+        lease.ipc_maybe = True  # no agent to look: the reset sweeps after every exec run
+        cmd = ["sh", "-c", _shell(step), "sh", *argv]
         with wrap(DockerUnavailable, "docker exec failed"):
             ex = api.exec_create(
                 lease.id,

@@ -15,8 +15,13 @@ and ``stderr_len`` raw stderr bytes (no base64 on the hot path).
 
 Process layout, and why:
 
-* The agent serves one connection at a time (a lease runs one program at a
-  time) and forks the *program*, which drops to the sandbox user and either
+* The agent only accepts: each connection is served by a *handler* forked
+  from it (a lease runs one program at a time, so one handler at a time),
+  which exits after the run. So the agent's memory, the template every
+  program is forked from, never holds a request, header, output or env: a
+  run scanning its inherited memory found the previous run's header in it
+  (issue 11). The handler is forked off the hot path (at ``prepare``).
+* The handler forks the *program*, which drops to the sandbox user and either
   execs ``argv`` or, in ``python`` mode, runs ``main.py`` in the already
   initialised interpreter (the zygote: no ~20 ms interpreter start-up),
   mirroring ``python3 main.py``: argv, path, ``__main__``, exit codes,
@@ -26,11 +31,20 @@ Process layout, and why:
   replies. Output is read straight into buffers that are zeroed after every
   run, so the memory a later run inherits never holds an earlier run's output.
 
-Leftovers are killed by a helper that becomes the sandbox user and calls
-``kill(-1, SIGKILL)``: inside the container's pid namespace that reaches exactly
-the sandbox user's processes, and needs no CAP_KILL (``--kill-scope uid``). The
-default scope, ``session``, kills only the program's session: safe for running
-the agent directly on a host in tests.
+Leftovers are killed by ``kill(-1, SIGKILL)`` with the agent's *effective* uid
+briefly the sandbox user's (``--kill-scope uid``): inside the container's pid
+namespace that reaches exactly the sandbox user's processes and needs no
+CAP_KILL. The real uid is then a uid nobody runs as and the saved uid root, so
+no program can signal or ptrace the agent meanwhile (a killer that *was* the
+sandbox user, a forked helper, could be SIGSTOPped by the program and held the
+slot until the host gave up). The default scope, ``session``, kills only the
+program's session: safe for running the agent directly on a host in tests.
+
+After each run the agent counts the IPC objects in its (the container's) IPC
+namespace (``/proc/sysvipc/*``, ``/dev/mqueue``: ~50 us) and reports ``ipc``;
+only then does the host's reset sweep them (it has the capability, the agent
+has none). Each run gets the request's rlimits (open files, file size,
+stack; soft = hard).
 """
 
 from __future__ import annotations
@@ -60,7 +74,12 @@ DRAIN_NS = 2_000_000_000  # pipes must reach EOF this long after the kill, else 
 SETUP_FD = 3  # close-on-exec pipe: EOF = program started, bytes = why it could not
 REQUEST_FD = 4  # a spare reads its request here
 PIDS_FILES = ("/sys/fs/cgroup/pids/pids.current", "/sys/fs/cgroup/pids.current")
-BASE_PROCS = 2  # container init + this agent
+BASE_PROCS = 3  # container init + the agent + its handler
+KILLER_RUID = 0x7FFFFFFE  # the kill's real uid: nobody's, so no program may signal the killer
+SYSVIPC_FILES = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
+MQUEUE_DIR = "/dev/mqueue"
+RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "fsize": resource.RLIMIT_FSIZE}
+RLIMITS["stack"] = resource.RLIMIT_STACK
 
 
 # -- template ------------------------------------------------------------------------------
@@ -79,23 +98,59 @@ def serve(ctl_dir: str, kill_scope: str, buffer_bytes: int) -> None:
     srv.bind(tmp)
     os.chmod(tmp, 0o600)
     srv.listen(16)
-    agent = Agent(kill_scope, Buffers(buffer_bytes))
     gc.collect()
     gc.freeze()  # the template's objects stay out of the children's collections (fewer COW copies)
     os.rename(tmp, path)  # atomic: a visible socket always accepts
-    while True:
+    while True:  # the agent itself never reads a request: its memory is every run's template
         conn, _ = srv.accept()
-        _SOCKETS.append(conn)
         try:
-            agent.handle(conn)
-        except Exception as exc:  # one bad request must not take the agent down
-            _safe_reply(conn, {"ok": False, "error": f"agent failure: {exc!r}"})
-        finally:
-            _SOCKETS.remove(conn)
+            handler = os.fork()
+        except OSError as exc:
+            _safe_reply(conn, {"ok": False, "error": f"agent cannot fork a handler: {exc!r}"})
             conn.close()
-            agent.buffers.wipe()
-        if agent.want_spare:
-            agent.prepare()
+            continue
+        if handler == 0:
+            _SOCKETS.append(conn)
+            _handle_until_done(srv, conn, kill_scope, buffer_bytes)  # never returns
+        conn.close()
+        _wait_quietly(handler)
+
+
+def _handle_until_done(
+    srv: socket.socket, conn: socket.socket, kill_scope: str, buffer_bytes: int
+) -> None:
+    """The handler: serves connections while it holds a spare, exits after a run without one.
+
+    Everything a run leaves in Python memory (its request, header, stdin path,
+    env) is in this process, which exits after the run: the next run forks from
+    a handler forked from the agent, whose memory never held any of it. The
+    handler waits for a connection only while it keeps a spare (``prepare``, or
+    a compile step's ``prepare_next``: then the spare is the same submission's
+    run step).
+    """
+    code = 0
+    try:
+        agent = Agent(kill_scope, Buffers(buffer_bytes))
+        agent.exit_after_run = True
+        while True:
+            try:
+                agent.handle(conn)
+            except Exception as exc:  # one bad request must not take the agent down
+                _safe_reply(conn, {"ok": False, "error": f"agent failure: {exc!r}"})
+            finally:
+                _SOCKETS.remove(conn)
+                conn.close()
+                agent.buffers.wipe()
+            if agent.want_spare:
+                agent.prepare()
+            if agent.spare is None or not agent.spare.alive():
+                break
+            conn, _ = srv.accept()
+            _SOCKETS.append(conn)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
 
 
 class Agent:
@@ -114,6 +169,7 @@ class Agent:
         self.buffers = buffers
         self.spare: Child | None = None
         self.want_spare = False
+        self.exit_after_run = False  # set in a handler: its memory holds this run's data
 
     def handle(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -125,7 +181,7 @@ class Agent:
         req = json.loads(_read_line(conn))
         op = req.get("op", "run")
         if op == "ping":
-            header = {"ok": True, "pid": os.getpid(), "python": sys.version.split()[0]}
+            header = {"ok": True, "pid": os.getppid(), "python": sys.version.split()[0]}
             header["spare"] = self.spare.pid if self.spare else None
             _safe_reply(conn, header)
             return
@@ -142,6 +198,8 @@ class Agent:
         conn.settimeout(30)
         _send_vectored(conn, [json.dumps(header).encode() + b"\n", out, err])
         self.want_spare = bool(req.get("prepare_next"))
+        if not self.want_spare and self.exit_after_run:
+            os._exit(0)  # at once: the host's reset should not find this handler still alive
 
     def prepare(self) -> None:
         self.want_spare = False
@@ -352,6 +410,7 @@ def run(
         "stdout_total": out.total,
         "stderr_total": err.total,
         "killed_leftovers": killer.used,
+        "ipc": None if end["dirty"] else _ipc_objects(),
         "rusage": None
         if rusage is None
         else {
@@ -460,31 +519,13 @@ class _Killer:
             self._kill_session()
 
     def _kill_as_user(self) -> None:
+        """Effective uid the sandbox user's (kill(-1) reaches exactly its processes), real uid
+        nobody's and saved uid root: kill(-1) spares root's processes, no program may signal
+        or ptrace us meanwhile (it matches neither our real nor saved uid), and the saved uid
+        takes root back right after. No fork: nothing to stop, works under a fork bomb."""
         try:
-            helper = os.fork()
-        except OSError:  # pids limit exhausted (fork bomb): no helper, so briefly become the user
-            self._kill_as_user_in_place()
-            return
-        if helper == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(self.gid, self.gid, self.gid)
-                os.setresuid(self.uid, self.uid, self.uid)
-                for _ in range(2):  # the second pass catches a fork that raced the first
-                    try:
-                        os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError:
-                        break
-            finally:
-                os._exit(0)
-        _wait_quietly(helper)
-
-    def _kill_as_user_in_place(self) -> None:
-        """Real+effective uid of the sandbox user, saved uid root: kill(-1) spares root's
-        processes, and the saved uid lets us take root back right after."""
-        try:
-            os.setresuid(self.uid, self.uid, 0)
-            for _ in range(2):
+            os.setresuid(KILLER_RUID, self.uid, 0)
+            for _ in range(2):  # the second pass catches a fork that raced the first
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(-1, signal.SIGKILL)
         finally:
@@ -498,6 +539,20 @@ class _Killer:
             for victim in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, signal.SIGKILL)
+
+
+def _ipc_objects() -> int | None:
+    """SysV and POSIX IPC objects in this IPC namespace; None if they cannot be counted."""
+    try:
+        count = 0
+        for path in SYSVIPC_FILES:
+            with open(path, "rb") as fh:
+                count += max(0, len(fh.read().splitlines()) - 1)  # minus the header line
+        if os.path.isdir(MQUEUE_DIR):
+            count += len(os.listdir(MQUEUE_DIR))
+        return count
+    except OSError:
+        return None
 
 
 def _pids_current() -> int | None:
@@ -543,6 +598,8 @@ def _program(req: dict | None, out_w: int, err_w: int, setup_w: int, req_r: int 
             sock.detach()
         os.closerange(REQUEST_FD + (req_r is not None), os.sysconf("SC_OPEN_MAX"))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if req is not None:
+            _set_rlimits(req)
         _raise_oom_score()
         if req is None:
             _warm_up()
@@ -551,6 +608,7 @@ def _program(req: dict | None, out_w: int, err_w: int, setup_w: int, req_r: int 
             if not data:  # discarded before use
                 os._exit(0)
             req = json.loads(data)
+            _set_rlimits(req)
         uid, gid = req.get("uid"), req.get("gid")
         if uid is not None and gid is not None:
             os.setgroups([gid])  # what `docker exec --user uid:gid` leaves
@@ -576,6 +634,12 @@ def _program(req: dict | None, out_w: int, err_w: int, setup_w: int, req_r: int 
             os.write(SETUP_FD, f"cannot start {req.get('argv')!r}: {exc!r}".encode())
         finally:
             os._exit(127)
+
+
+def _set_rlimits(req: dict) -> None:
+    """The request's soft = hard limits (lowering needs no capability)."""
+    for name, value in (req.get("rlimits") or {}).items():
+        resource.setrlimit(RLIMITS[name], (int(value), int(value)))
 
 
 def _warm_up() -> None:

@@ -1,0 +1,93 @@
+"""The verified reset, Docker-free: any tree is wiped, any failure is SandboxDirty, never a leak."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from nanogrid_celery.config import Settings
+from nanogrid_celery.errors import SandboxDirty
+from nanogrid_celery.sandbox import reset as reset_module
+from nanogrid_celery.sandbox.lease import LeaseState
+from nanogrid_celery.sandbox.reset import reset_container
+from nanogrid_celery.sandbox.stub import StubLease
+
+
+@pytest.fixture
+def lease():
+    lease = StubLease("python")
+    lease.to(LeaseState.ACQUIRED)
+    lease.to(LeaseState.RUNNING)
+    lease.to(LeaseState.RESETTING)
+    yield lease
+    shutil.rmtree(lease.host_dir, ignore_errors=True)
+
+
+def test_a_5000_deep_tree_in_every_scratch_mount_is_wiped(lease):
+    for rel in ("tmp", "dev/shm", "sandbox"):
+        fd = os.open(lease.root_view / rel, os.O_RDONLY)
+        for _ in range(5000):
+            os.mkdir("d\n", dir_fd=fd)
+            sub = os.open("d\n", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.close(fd)
+    reset_container(Settings(), lease)
+    assert all(not os.listdir(lease.root_view / rel) for rel in ("tmp", "dev/shm", "sandbox"))
+
+
+def test_any_exception_in_the_reset_is_sandbox_dirty(lease, monkeypatch):
+    def boom(path):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(reset_module, "empty_dir", boom)
+    with pytest.raises(SandboxDirty, match="RecursionError"):
+        reset_container(Settings(), lease)
+
+
+def test_ipc_is_swept_only_when_a_run_may_have_left_some(lease, monkeypatch):
+    sweeps = []
+    monkeypatch.setattr(lease, "in_namespaces", lambda resize, sweep_ipc: sweeps.append(sweep_ipc))
+    lease.ipc_maybe = False
+    reset_container(Settings(), lease)
+    assert sweeps == []
+    lease.ipc_maybe = True
+    reset_container(Settings(), lease)
+    assert sweeps == [True] and lease.ipc_maybe is False
+
+
+def test_a_reset_that_raises_anything_destroys_the_container(monkeypatch):
+    """Not only SandboxDirty: whatever the reset raises, the pool destroys and replaces."""
+    from nanogrid_celery.sandbox import pool as pool_module
+    from nanogrid_celery.sandbox.pool import WarmPool
+
+    from .test_pool import FakeLease
+
+    created, destroyed = [], []
+
+    def create(settings, client, executor, runtime, role="pool"):
+        created.append(FakeLease(runtime))
+        return created[-1]
+
+    def reset(lease):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(pool_module, "create_container", create)
+    monkeypatch.setattr(pool_module, "destroy", destroyed.append)
+    monkeypatch.setattr(pool_module, "reap_orphans", lambda settings, client: 0)
+    pool = WarmPool(Settings(pool_python=1, pool_cpp=0), client=None, executor=None, reset=reset)
+    pool.start()
+    try:
+        assert pool.wait_ready(5)
+        lease = pool.acquire("python")
+        pool.release(lease)
+        deadline = time.monotonic() + 5
+        while (lease not in destroyed or len(created) < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lease in destroyed
+        assert len(created) == 2, "the discarded container was replaced"
+    finally:
+        pool.shutdown()
