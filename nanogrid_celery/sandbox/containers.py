@@ -171,7 +171,13 @@ def _owner_alive(labels: dict[str, str]) -> bool:
 
 
 def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
-    """Remove this host's containers whose owning worker process is gone (crash, SIGKILL)."""
+    """Remove this host's containers whose owning worker process is gone (crash, SIGKILL).
+
+    Sibling processes reap at the same time (prefork children start together), so a
+    container may vanish between the list and its inspect: ``ignore_removed``. A Docker
+    that cannot be asked is logged, not raised: the runner must start and answer runs
+    with ``internal_error`` until Docker is back, and the next start reaps again.
+    """
     filters = {
         "label": [
             f"{LABEL}=1",
@@ -180,7 +186,12 @@ def reap_orphans(settings: Settings, client: docker.DockerClient) -> int:
         ]
     }
     removed = 0
-    for container in client.containers.list(all=True, filters=filters):
+    try:
+        containers = client.containers.list(all=True, filters=filters, ignore_removed=True)
+    except DOCKER_ERRORS as exc:
+        log.warning("could not look for orphan containers: %s", exc)
+        return 0
+    for container in containers:
         if _owner_alive(container.labels):
             continue
         removed += _remove_with_dirs(container)
@@ -212,7 +223,9 @@ def remove_all(client: docker.DockerClient, instance: str | None = None) -> int:
     """Remove every NanoGrid container (of one instance, if given): ``nanogrid cleanup``."""
     labels = [f"{LABEL}=1"] + ([f"{LABEL}.instance={instance}"] if instance else [])
     removed = 0
-    for container in client.containers.list(all=True, filters={"label": labels}):
+    for container in client.containers.list(
+        all=True, filters={"label": labels}, ignore_removed=True
+    ):
         removed += _remove_with_dirs(container)
     return removed
 
@@ -226,7 +239,7 @@ def remove_owned(settings: Settings, client: docker.DockerClient) -> int:
     labels = owner_labels(settings)
     filters = {"label": [f"{k}={v}" for k, v in labels.items() if v]}
     removed = 0
-    for container in client.containers.list(all=True, filters=filters):
+    for container in client.containers.list(all=True, filters=filters, ignore_removed=True):
         removed += _remove_with_dirs(container)
     return removed
 
