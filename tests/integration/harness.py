@@ -20,7 +20,11 @@ LOG_DIR = REPO / ".run" / "test-logs"
 
 
 class WorkerProcess:
-    """One worker with its own queue and instance label, so tests never share containers."""
+    """One worker with its own queue and instance label, so tests never share containers.
+
+    ``queue`` lets several workers ("hosts") consume one queue; ``instance`` lets a
+    replacement take over a dead worker's label scope (and so reap its containers).
+    """
 
     def __init__(
         self,
@@ -28,12 +32,14 @@ class WorkerProcess:
         concurrency: int = 1,
         pool: str = "prefork",
         include: str | None = None,
+        queue: str | None = None,
+        instance: str | None = None,
         **env: str | int,
     ) -> None:
         uid = uuid.uuid4().hex[:6]
         self.name = f"{name}-{uid}"
-        self.instance = f"{os.environ['NANOGRID_INSTANCE']}-{name}-{uid}"
-        self.queue = f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
+        self.instance = instance or f"{os.environ['NANOGRID_INSTANCE']}-{name}-{uid}"
+        self.queue = queue or f"{os.environ['NANOGRID_QUEUE']}-{name}-{uid}"
         self.concurrency = concurrency
         self.pool = pool  # celery's -P: prefork (a pool per child) or threads (one shared pool)
         self.include = include  # extra task modules (celery worker --include), e.g. errbacks
