@@ -215,7 +215,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     worker = WorkerProcess("capacity", concurrency=args.concurrency)
     out: dict[str, Any] = {"runs": args.runs, "clients": args.clients}
     try:
+        t0 = time.monotonic()
         worker.start(timeout=180)
+        out["worker_start_s"] = round(time.monotonic() - t0, 1)  # ready + every pool full
         assert worker.proc is not None and moto.proc is not None and redis.proc is not None
         comps = Components(worker.proc.pid, moto.proc.pid, redis.proc.pid, worker.instance)
         load.run_burst(20, 1, worker.queue, timeout=120)  # warm-up: caches, connections
@@ -229,6 +231,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         worker.wait_pool_full(30)
         time.sleep(1.5)  # past the pause grace: every pooled container at rest
         out["memory"] = container_memory(comps)
+        out["rss_mib"] = {n: round(procstat.rss_mib(p), 1) for n, p in comps.pids().items()}
         out.update(
             ok=report.ok,
             duration_s=round(report.duration_s, 2),
@@ -308,6 +311,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Warm paused python container (memory cgroup, median of {len(mem)}): "
         f"usage {usage:.1f} MiB, rss {rss:.1f} MiB.",
+        "Resident memory after the burst (VmRSS, MiB): "
+        + ", ".join(f"{k} {v}" for k, v in data["rss_mib"].items())
+        + f"; worker start to ready with full pools: {data['worker_start_s']} s.",
         f"Getting a container (p50 of {sc['samples']}): create + start + agent ready "
         f"{sc['create_start_ms']} ms, remove {sc['remove_ms']} ms; "
         f"unpause {sc['unpause_ms']} ms, pause {sc['pause_ms']} ms.",

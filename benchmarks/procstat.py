@@ -52,6 +52,19 @@ def cpu_ms(pid: int) -> float | None:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) * TICK_MS
 
 
+def rss_mib(pids: list[int]) -> float:
+    """Summed VmRSS of ``pids`` (shared pages count once per process: an upper bound)."""
+    kib = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kib += int(line.split()[1])
+        except OSError:
+            continue
+    return kib / 1024
+
+
 def all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 

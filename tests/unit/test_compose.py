@@ -94,7 +94,8 @@ def test_metrics_endpoint_is_published(services):
     port = int(worker_env["NANOGRID_METRICS_PORT"])
     assert port > 0
     assert worker_env["NANOGRID_METRICS_HOST"] == "0.0.0.0"  # reachable from outside
-    assert f"127.0.0.1:{port}:{port}" in services["worker"]["ports"]
+    # a host port range: dockerd gives each replica a free one (--scale worker=N, N <= 32)
+    assert f"127.0.0.1:{port}-{port + 31}:{port}" in services["worker"]["ports"]
 
 
 # -- issue 11: what is exposed -----------------------------------------------------------
@@ -110,7 +111,7 @@ def test_every_published_port_is_bound_to_localhost(services):
     for name, service in services.items():
         for port in service.get("ports", []):
             ip, host_port = _published(port)
-            published[host_port] = name
+            published[host_port.split("-")[0]] = name  # a range (scaled worker): its first
             assert ip == "127.0.0.1", f"{name} publishes {port!r} on every interface"
     assert {"5000", "6379", "5555", "9808"} <= set(published)  # moto, redis, flower, metrics
 
@@ -121,3 +122,22 @@ def test_flower_asks_for_auth(services):
     assert auth.startswith("${FLOWER_BASIC_AUTH") and ":" in auth  # overridable from the env
     assert flower.get("FLOWER_UNAUTHENTICATED_API", "false").lower() != "true"
     assert not any("unauthenticated" in str(arg) for arg in services["flower"]["command"])
+
+
+def test_worker_scales_to_n_replicas_without_collisions(services):
+    """`docker compose up --scale worker=N`: nothing fixed per service, a label scope each."""
+    worker = services["worker"]
+    assert "container_name" not in worker  # compose numbers the replicas
+    for published in worker.get("ports", []):
+        host_port = str(published).split(":")[-2]
+        assert "-" in host_port, f"a fixed host port {published} stops the 2nd replica"
+    assert "NANOGRID_INSTANCE" not in env(worker)  # one value for all replicas would be shared
+    script = worker["command"][-1]
+    assert worker["command"][:2] == ["sh", "-c"]
+    # per replica, from the container's hostname ($$ is compose's escape for $)
+    assert 'NANOGRID_INSTANCE="compose-$$(hostname)"' in script
+    assert '-n "worker@$$(hostname)"' in script
+    assert script.split("exec ", 1)[1].startswith("celery -A nanogrid_celery worker")
+    # the sandboxes' cgroups and /proc/<pid>/root are read directly (host's view of both)
+    assert worker["pid"] == "host"
+    assert "/sys/fs/cgroup:/sys/fs/cgroup" in worker["volumes"]
