@@ -137,7 +137,7 @@ def spent(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
 
 def container_memory(components: Components) -> dict[str, list[dict[str, int]]]:
     """Memory cgroup readings of every paused (warm) container, by runtime."""
-    from nanogrid_celery.cgroups import ContainerCgroup
+    from nanogrid_celery.sandbox.cgroups import ContainerCgroup
 
     out: dict[str, list[dict[str, int]]] = {}
     for c in components.containers():
@@ -165,14 +165,16 @@ def container_start_costs(samples: int = 8) -> dict[str, float]:
     import docker
 
     from nanogrid_celery.config import get_settings
-    from nanogrid_celery.containers import create_container, destroy
+    from nanogrid_celery.sandbox.containers import create_container, destroy
+    from nanogrid_celery.sandbox.executors import get_executor
 
     settings = get_settings()
     client = docker.from_env()
+    executor = get_executor(settings.executor, settings, client)
     create, remove, unpause, pause = [], [], [], []
     for _ in range(samples):
         t0 = time.perf_counter()
-        lease = create_container(settings, client, "python")
+        lease = create_container(settings, client, executor, "python")
         create.append((time.perf_counter() - t0) * 1000)
         try:
             for _ in range(3):

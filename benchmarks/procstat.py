@@ -122,7 +122,7 @@ def machine_busy_ms() -> float:
 
 def container_cpu_ms(container_ids: list[str]) -> dict[str, float]:
     """CPU of everything inside each container, from its cpuacct cgroup (ns -> ms)."""
-    from nanogrid_celery.cgroups import ContainerCgroup
+    from nanogrid_celery.sandbox.cgroups import ContainerCgroup
 
     out = {}
     for cid in container_ids:

@@ -42,9 +42,9 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.app import app
-from nanogrid_celery.containers import LABEL, remove_all
-from nanogrid_celery.events import parse_entry
+from nanogrid_celery.middleware.result_stream import parse_entry
 from nanogrid_celery.result import ExecutionResult, Status
+from nanogrid_celery.sandbox.containers import LABEL, remove_all
 
 from .faults import RedisServer, child_pids, claim_holder, redis_client, started, starts, wait_for
 from .harness import WorkerProcess
