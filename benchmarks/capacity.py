@@ -177,6 +177,9 @@ def container_start_costs(samples: int = 8) -> dict[str, float]:
         lease = create_container(settings, client, executor, "python")
         create.append((time.perf_counter() - t0) * 1000)
         try:
+            lease.container.reload()
+            if lease.container.status == "paused":  # created ready-to-pool, i.e. paused
+                lease.container.unpause()
             for _ in range(3):
                 t0 = time.perf_counter()
                 lease.container.pause()
