@@ -19,9 +19,10 @@ their events and remote control on a private Redis that a Flower reads.
   at startup (``reap_orphans``); teardown removes whatever is left by label
   (``nanogrid cleanup``'s ``remove_all``), so the container count is unchanged.
 
-Seen here (2 cores, shared moto; printed with ``-s``, never asserted): 24 one-second
-runs spread 8/8/8 in 5.2 s; the lost host's 2 in-flight runs came back after 19.5-20.1 s,
-i.e. one visibility timeout (20 s, below), and ran on the survivors.
+Seen here (2 cores, shared moto; printed with ``-s``, never asserted), in four runs: 24
+one-second runs spread 8/8/8 every time, in 5.2-8.3 s; the lost host's 1-2 in-flight runs
+came back after 19.3-20.1 s, i.e. one visibility timeout (20 s, below), and ran on the
+survivors.
 """
 
 from __future__ import annotations
