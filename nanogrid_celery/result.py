@@ -60,6 +60,11 @@ class ExecutionResult:
     recommended_memory_mb: int | None = None
     memory_tuned: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
+    # issue 16: None when nothing was compiled; True when the host's build cache had the binary
+    compile_cached: bool | None = None
+    # a test-case batch: one dict per case (see execution/batch.py) and the verdict counts
+    cases: list[dict[str, Any]] | None = None
+    summary: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:

@@ -26,6 +26,10 @@ class RunRequest:
     memory_mb: int | None = None
     submitted_at: float | None = None
     function: str | None = None
+    # issue 16: large stdin and test-case batches (see execution/inputs.py, execution/batch.py)
+    stdin_s3_key: str | None = None
+    cases: list[dict] | None = None
+    cases_s3_key: str | None = None
 
 
 def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | None) -> RunLimits:
