@@ -42,6 +42,8 @@ def encode_cases(cases: list[dict[str, Any]]) -> bytes:
 
 def check_inputs(settings: Settings, stdin: str | None, cases: list[dict[str, Any]] | None) -> None:
     """Every maximum, before anything is uploaded or sent: RunRejected with the reason."""
+    if stdin is not None and cases is not None:
+        raise RunRejected("a batch takes its input from each case's stdin; give stdin or cases")
     if stdin is not None:
         stdin_bytes(settings, stdin)
     if cases is not None:
@@ -120,6 +122,9 @@ def resolve_stdin(settings: Settings, req: RunRequest) -> bytes | None:
 
 def resolve_cases(settings: Settings, req: RunRequest) -> list[dict[str, Any]] | None:
     """The batch's cases (inline or from S3), or None for a plain run."""
+    has_cases = req.cases is not None or bool(req.cases_s3_key)
+    if has_cases and (req.stdin is not None or req.stdin_s3_key):
+        raise RunRejected("a batch takes its input from each case's stdin; give stdin or cases")
     if req.cases_s3_key:
         if req.cases is not None:
             raise RunRejected("give cases or cases_s3_key, not both")

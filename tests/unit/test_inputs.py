@@ -79,3 +79,10 @@ def test_both_inline_and_s3_is_rejected(s3):
     with pytest.raises(RunRejected, match="not both"):
         resolve_cases(s3, _req(cases=[{}], **kwargs))
     assert json.loads(json.dumps(kwargs))  # task kwargs stay JSON
+
+
+def test_stdin_and_cases_together_are_refused(s3):
+    with pytest.raises(RunRejected, match="give stdin or cases"):
+        check_inputs(s3, "x", [{}])
+    with pytest.raises(RunRejected, match="give stdin or cases"):
+        resolve_cases(s3, _req(stdin="x", cases=[{}]))
