@@ -11,7 +11,9 @@ case, so a case that overwrites or deletes it cannot change the next one.
 
 Per case: status, exit code, signal, stdout/stderr (kept up to
 ``NANOGRID_CASE_OUTPUT_MAX_BYTES`` each in the result), duration, peak memory,
-CPU time, the limits it ran under, and - when ``expected_stdout`` is given -
+CPU time, the limits it ran under (a batch is never memory-tuned: a case's limit is
+its own ``memory_mb``, else the request's, else the default), and - when
+``expected_stdout`` is given -
 ``verdict``: ``accepted`` or ``wrong_answer``. The comparison ignores trailing
 whitespace at the end of every line and trailing newlines at the end of the
 output (``"1 2 \\n3\\n\\n"`` matches ``"1 2\\n3"``); anything else must match
@@ -29,7 +31,7 @@ verdicts (``{"cases": 3, "success": 2, "timeout": 1, "accepted": 1,
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanogrid_celery.config import Settings
@@ -55,7 +57,6 @@ class Case:
     stdin: bytes | None
     expected_stdout: str | None
     limits: RunLimits
-    explicit_memory: bool = False
 
 
 @dataclass
@@ -110,7 +111,6 @@ def parse_cases(
                 stdin=stdin_bytes(settings, case.get("stdin")),
                 expected_stdout=case.get("expected_stdout"),
                 limits=limits,
-                explicit_memory=case.get("memory_mb") is not None,
             )
         )
     return parsed
@@ -137,7 +137,6 @@ def run_cases(
     plan: Plan,
     files: dict[str, bytes],
     cases: list[Case],
-    tuned: RunLimits | None = None,
 ) -> BatchOutcome:
     """Build once, then every case in ``lease`` with the verified reset in between."""
     lease.to(LeaseState.RUNNING)
@@ -161,10 +160,7 @@ def run_cases(
                 write_files(lease, files, case.stdin)
                 if built.binary is not None and plan.binary:
                     place_binary(lease.root_view, plan.binary, built.binary)
-            limits = case.limits
-            if tuned is not None and not case.explicit_memory:
-                limits = replace(limits, memory_bytes=tuned.memory_bytes)
-            batch.outcomes.append(sandbox.run_step(lease, plan, limits))
+            batch.outcomes.append(sandbox.run_step(lease, plan, case.limits))
         return batch
 
 

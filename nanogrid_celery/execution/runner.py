@@ -132,7 +132,8 @@ class Runner:
         files = self.fetch(self.settings, ctx.runtime, req.s3_bucket, req.s3_key)
         plan = plan_for(ctx.runtime, set(files))
         ctx.function = result.function = req.function or content_hash(files)
-        ctx.explicit_memory = req.memory_mb is not None
+        # a batch is never memory-tuned: a case OOMing under a tuned limit gets no retry
+        ctx.explicit_memory = req.memory_mb is not None or cases is not None
         self.hooks.emit_before(ctx)
         if cases is not None:
             self._execute_batch(ctx, plan, files, cases)
@@ -166,17 +167,13 @@ class Runner:
         self, ctx: RunContext, plan: Plan, files: dict[str, bytes], cases: list[Case]
     ) -> None:
         """All cases in one lease (execution/batch.py); one retry on a fresh container."""
-        base = resolve_limits(self.settings, ctx.request.timeout_ms, ctx.request.memory_mb)
-        tuned = ctx.limits if ctx.limits != base else None
         ctx.result.limits = ctx.limits.as_dict() if ctx.limits else {}
         for failures in range(1, MAX_FAILURES + 1):
             ctx.result.attempts = ctx.attempt
             try:
                 batch = self._run_once(
                     ctx,
-                    lambda lease: run_cases(
-                        self.settings, self.sandbox, lease, plan, files, cases, tuned
-                    ),
+                    lambda lease: run_cases(self.settings, self.sandbox, lease, plan, files, cases),
                 )
             except InternalError as exc:
                 log.warning("batch attempt %d failed: %s", ctx.attempt, exc)

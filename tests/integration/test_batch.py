@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -130,6 +134,34 @@ def test_cpp_batch_with_mixed_verdicts_a_timeout_and_an_oom(judge):
     assert result.cases[2]["duration_ms"] >= 300
     assert all(c["peak_memory_bytes"] for c in result.cases)
     assert result.compile_cached is False and result.compile_ms > 0
+
+
+def test_cli_runs_a_cases_file(judge, tmp_path):
+    (tmp_path / "main.py").write_text("print(int(input()) + 1)")
+    cases = tmp_path / "cases.json"
+    cases.write_text(
+        json.dumps({"cases": [{"stdin": "1", "expected_stdout": "2"}, {"stdin": "5"}]})
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanogrid_celery.cli",
+            "run",
+            str(tmp_path / "main.py"),
+            "--cases",
+            str(cases),
+            "--json",
+        ],
+        env={**os.environ, "NANOGRID_QUEUE": judge.queue},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["summary"] == {"accepted": 1, "cases": 2, "success": 2}
+    assert [c["stdout"] for c in result["cases"]] == ["2\n", "6\n"]
 
 
 def test_compile_error_ends_the_batch_once(judge):

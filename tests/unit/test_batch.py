@@ -208,3 +208,25 @@ def test_a_sandbox_without_build_cache_still_reuses_the_binary(tmp_path):
     result = runner.execute(_req("cpp", cases=[{"stdin": "a"}, {"stdin": "b"}]))
     assert [c["stdout"] for c in result.cases] == ["A", "B"]
     assert result.compile_cached is False
+
+
+def test_a_batch_is_never_memory_tuned(settings):
+    from dataclasses import replace
+
+    from nanogrid_celery.middleware import Middleware
+
+    class Tuner(Middleware):  # what the tuner does: only when memory was not explicit
+        def before_run(self, ctx):
+            if not ctx.explicit_memory:
+                ctx.limits = replace(ctx.limits, memory_bytes=40 << 20)
+
+    runner = Runner(
+        settings,
+        middleware=[Tuner()],
+        executor=StubExecutor(echo_program),
+        pool=StubPool(),
+        fetch=lambda *a: {"main.py": b""},
+    )
+    result = runner.execute(_req(cases=[{"stdin": "a"}, {"stdin": "b", "memory_mb": 64}]))
+    assert [c["limits"]["memory_mb"] for c in result.cases] == [256, 64]
+    assert runner.execute(_req()).limits["memory_mb"] == 40  # a plain run still is
