@@ -289,11 +289,15 @@ def build(
         data = cache.get(key)
         if data is not None:
             place_binary(root, binary_path, data)
+            log.info("build cache hit", key=key[:16], bytes=len(data))
             return Build(None, None, True, data)
         with cache.lock(key, lock_timeout_s) as locked:
+            if not locked:
+                log.warning("build lock not acquired; compiling uncached", key=key[:16])
             data = cache.get(key) if locked else None
             if data is not None:  # another worker built it while we waited
                 place_binary(root, binary_path, data)
+                log.info("build cache hit after waiting", key=key[:16], bytes=len(data))
                 return Build(None, None, True, data)
             return _compile_and_store(
                 cache if locked else None,
@@ -330,6 +334,7 @@ def _compile_and_store(
     if cache is not None and data is not None:
         try:
             cache.put(key, data)
+            log.info("build stored", key=key[:16], bytes=len(data), compile_ms=compile_ms)
         except OSError as exc:
             log.warning("could not store the build: %s", exc, key=key[:16])
     return Build(None, compile_ms, False, data)

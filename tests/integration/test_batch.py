@@ -231,3 +231,20 @@ def test_two_workers_building_the_same_key_compile_once():
         for w in workers:
             w.stop()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_batches_and_the_cache_work_with_the_exec_executor():
+    root = _short_dir()
+    w = WorkerProcess("batch-exec", pool_python=0, pool_cpp=1, executor="exec", work_root=str(root))
+    w.start()
+    try:
+        code = {"main.cpp": _unique(JUDGE_CPP)}
+        cases = [{"stdin": "4", "expected_stdout": "8"}, {"stdin": "-3", "expected_stdout": "-6"}]
+        first = w.run(code, "cpp", cases=cases)
+        assert first.status == Status.SUCCESS, first
+        assert first.summary["accepted"] == 2 and first.compile_cached is False
+        again = w.run(code, "cpp", cases=cases)
+        assert again.summary["accepted"] == 2 and again.compile_cached is True
+    finally:
+        w.stop()
+        shutil.rmtree(root, ignore_errors=True)
