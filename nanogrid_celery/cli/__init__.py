@@ -56,8 +56,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if result.message:
             summary += f" - {result.message}"
         print(summary, file=sys.stderr)
-    if result.cases:
-        return 0 if all(c.get("verdict", "accepted") == "accepted" for c in result.cases) else 1
+    if result.cases:  # every case ran to success and every verdict given is accepted
+        good = all(
+            c["status"] == "success" and c.get("verdict", "accepted") == "accepted"
+            for c in result.cases
+        )
+        return 0 if good else 1
     return 0 if result.ok else 1
 
 
