@@ -45,8 +45,6 @@ from nanogrid_celery.sandbox.lease import Lease, LeaseState
 from nanogrid_celery.sandbox.limits import RunLimits
 from nanogrid_celery.sandbox.outcome import Outcome
 from nanogrid_celery.sandbox.output import decode
-from nanogrid_celery.sandbox.reset import reset_container
-from nanogrid_celery.sandbox.staging import write_files
 
 CASE_KEYS = {"stdin", "expected_stdout", "timeout_ms", "memory_mb"}
 ACCEPTED, WRONG_ANSWER = "accepted", "wrong_answer"
@@ -140,7 +138,7 @@ def run_cases(
 ) -> BatchOutcome:
     """Build once, then every case in ``lease`` with the verified reset in between."""
     lease.to(LeaseState.RUNNING)
-    write_files(lease, files, cases[0].stdin)
+    sandbox.stage(lease, files, cases[0].stdin, cases[0].limits)
     with wrap(InternalError, "cgroup access failed", (OSError,)):
         built = sandbox.build(lease, plan, files, keep_copy=True)
         if built.failure is not None:
@@ -155,9 +153,8 @@ def run_cases(
         )
         for i, case in enumerate(cases):
             if i:
-                reset_container(settings, lease)  # raises SandboxDirty: the pool discards it
-                sandbox.executor.after_reset(lease)
-                write_files(lease, files, case.stdin)
+                sandbox.clean(lease)  # the verified reset; SandboxDirty: the pool discards it
+                sandbox.stage(lease, files, case.stdin, case.limits)
                 if built.binary is not None and plan.binary:
                     place_binary(lease.root_view, plan.binary, built.binary)
             batch.outcomes.append(sandbox.run_step(lease, plan, case.limits))

@@ -47,7 +47,7 @@ class Sandbox:
         limits: RunLimits,
     ) -> Outcome:
         lease.to(LeaseState.RUNNING)
-        write_files(lease, files, stdin)
+        self.stage(lease, files, stdin, limits)
         with wrap(InternalError, "cgroup access failed", (OSError,)):
             built = self.build(lease, plan, files)
             if built.failure is not None:
@@ -56,6 +56,12 @@ class Sandbox:
             outcome.compile_ms = built.compile_ms
             outcome.compile_cached = built.cached if plan.compile else None
             return outcome
+
+    def stage(
+        self, lease: Lease, files: dict[str, bytes], stdin: bytes | None, limits: RunLimits
+    ) -> None:
+        """Code and stdin into a clean container, for one run or one case of a batch."""
+        write_files(lease, files, stdin)
 
     @property
     def builds(self) -> BuildCache | None:
@@ -140,5 +146,9 @@ class Sandbox:
     def reset(self, lease: Lease) -> None:
         """The verified reset (raises SandboxDirty), then the executor's own after-reset step."""
         lease.to(LeaseState.RESETTING)
+        self.clean(lease)
+
+    def clean(self, lease: Lease) -> None:
+        """The reset without a state change: also between two cases of a batch."""
         reset_container(self.settings, lease)
         self.executor.after_reset(lease)

@@ -26,12 +26,20 @@ def settings(tmp_path) -> Settings:
     )
 
 
+def _stdin(lease) -> bytes:
+    """The staged stdin: in the container's /sandbox (writable workdir) or the lease dir."""
+    for path in (lease.root_view / "sandbox" / "stdin", lease.host_dir / "stdin"):
+        if path.exists():
+            return path.read_bytes()
+    raise AssertionError("no stdin staged")
+
+
 def echo_program(lease, step):
     """The 'program': its stdin decides what it does (echo, sleep past the limit, OOM, crash)."""
     if step.argv[0] == "g++":
         (lease.root_view / "tmp" / ".nanogrid-main").write_bytes(b"ELF")
         return ok(b"")
-    data = (lease.host_dir / "stdin").read_bytes()
+    data = _stdin(lease)
     if data == b"sleep":
         return ProcessResult(None, CappedBuffer(10), CappedBuffer(10), True, step.timeout_ms)
     if data == b"oom":
