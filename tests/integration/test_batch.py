@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pytest
 from nanogrid_celery import client
 from nanogrid_celery.config import get_settings
 from nanogrid_celery.errors import RunRejected
+from nanogrid_celery.execution.inputs import encode_cases
+from nanogrid_celery.middleware.result_stream import parse_entry
 from nanogrid_celery.result import Status
 from nanogrid_celery.sandbox.build_cache import CACHE_DIR
 
@@ -209,6 +212,41 @@ def test_large_cases_travel_through_s3(judge):
     result = judge.run(code, cases=cases)  # ~1 MB of cases: over the inline threshold
     assert result.status == Status.SUCCESS, result
     assert result.summary["accepted"] == 20
+
+
+def test_a_cases_document_at_its_maximum_runs_end_to_end(judge):
+    """NANOGRID_MAX_CASES_BYTES (64 MiB) of cases, each stdin at most 8 MiB, through S3."""
+    limits = get_settings().limits
+    top, doc_max = limits.max_stdin_bytes, limits.max_cases_bytes
+    sizes = [top] * (doc_max // top - 1)
+    probe = [{"stdin": "a" * n} for n in sizes] + [{"stdin": ""}]
+    sizes.append(doc_max - len(encode_cases(probe)))
+    cases = [{"stdin": "a" * n} for n in sizes]
+    assert len(encode_cases(cases)) == doc_max
+    code = {"main.py": "import sys\nprint(len(sys.stdin.buffer.read()))"}
+    result = judge.run(code, cases=cases, wait=300)
+    assert result.status == Status.SUCCESS, result.message
+    assert [c["stdout"] for c in result.cases] == [f"{n}\n" for n in sizes]
+    with pytest.raises(RunRejected, match="as JSON; at most"):
+        judge.submit(code, cases=[*cases[:-1], {**cases[-1], "stdin": "a" * (sizes[-1] + 1)}])
+
+
+def test_batch_results_reach_the_result_stream(judge):
+    import redis
+
+    settings = get_settings()
+    result = judge.run({"main.py": "print(input())"}, cases=[{"stdin": "s" * 1000}, {"stdin": "t"}])
+    assert result.status == Status.SUCCESS
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    for _ in range(50):
+        entries = r.xrevrange(settings.events_stream, count=200)
+        found = [parse_entry(f) for _, f in entries if f.get("request_id") == result.request_id]
+        if found:
+            break
+        time.sleep(0.1)
+    (event,) = found
+    assert event["summary"] == result.summary
+    assert [len(c["stdout"]) for c in event["cases"]] == [256, 2] and event["output_cut"]
 
 
 def test_two_workers_building_the_same_key_compile_once():
