@@ -26,6 +26,12 @@ no cases run), ``rejected`` / ``internal_error`` as for any run, otherwise
 ``success`` - every case ran - with ``summary`` counting case statuses and
 verdicts (``{"cases": 3, "success": 2, "timeout": 1, "accepted": 1,
 "wrong_answer": 2}``).
+
+Measured per case of a 100-case batch (in-process profile, 2 cores under a
+busy qemu VM): verified reset 0.3-0.5 ms, re-staging 0.1-0.2 ms, binary
+placement 0.07 ms, the agent's prepare notice 0.2-0.8 ms, the agent call
+~1.5 ms beyond the program's own time; the program itself 2-3 ms (python
+zygote) or 3-4 ms (C++). Worker-side 5-8 ms per case under that load.
 """
 
 from __future__ import annotations

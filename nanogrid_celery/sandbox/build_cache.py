@@ -25,6 +25,12 @@ while it compiles, so concurrent builds of the same key compile once (the
 others wait, then hit). Striped locks keep the lock files bounded. Size:
 bounded by bytes, least recently used first out (a hit touches the entry's
 mtime); an unlinked entry stays readable by whoever has it open.
+
+Measured (2 cores, a qemu VM busy on the same machine, so all inflated): the
+hello world's g++ alone 720-1400 ms; a cached run's worker-side total 5.8 ms
+(program 2.9 ms) against python hello's 8.6 ms; end to end the repeated cpp
+hello p50 came to 0.9-1.5x python's in the same run (benchmarks/RESULTS.md).
+Copy-out and placement of the 17 KB binary: < 0.1 ms each.
 """
 
 from __future__ import annotations
