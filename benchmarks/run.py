@@ -17,6 +17,7 @@ Per scenario it records ``client.run`` wall time, the overhead (wall time minus
 the program's own ``duration_ms``) and the worker-side overhead (``total_ms``
 minus ``duration_ms``); then throughput at 1, 2 and 4 concurrent clients. It
 writes JSON and a PNG chart to ``--out`` and (full runs) ``benchmarks/RESULTS.md``.
+With the agent mode it then runs ``benchmarks/batch.py`` (build cache, test-case batches).
 """
 
 from __future__ import annotations
@@ -319,6 +320,10 @@ def _run(args: argparse.Namespace, modes: list[str], results_md: Path | None) ->
     paths = report.write(data, args.out, results_md)
     for path in paths:
         console.print(f"wrote {path}")
+    if "agent" in modes:  # issue 16: build cache and test-case batches, own worker
+        from . import batch
+
+        batch.run(args.quick, results_md)
     return 0
 
 

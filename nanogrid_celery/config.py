@@ -50,6 +50,11 @@ class Limits:
     max_files: int = 2000
     max_stdin_bytes: int = 8 << 20
     tmpfs_mb: int = 256
+    # test-case batches (issue 16): cases per request, the cases document's size, and the
+    # stdout/stderr each case keeps in the result (its verdict sees the full captured output)
+    max_cases: int = 100
+    max_cases_bytes: int = 64 << 20
+    case_output_max_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ class Settings:
     pause_grace_ms: int = 500  # an idle container is paused this long after release; 0 = at once
     s3_cache_entries: int = 512  # submissions cached by (bucket, key, ETag); 0 = off
     s3_cache_mb: int = 64
+    # C++ build cache (issue 16): host-wide under work_root/.build-cache; 0 = off
+    build_cache_mb: int = 512
+    build_cache_max_binary_mb: int = 64
+    # stdin / cases larger than this travel through S3 (inputs/sha256-<hex>/...), not SQS
+    input_inline_max_bytes: int = 128 << 10
     work_root: str = "/var/lib/nanogrid"
     instance: str = "local"
     sandbox_user: str = "65534:65534"
@@ -125,6 +135,7 @@ class Settings:
     events_channel: str = "nanogrid:results"
     events_maxlen: int = 10_000
     events_output_max_chars: int = 4096
+    events_case_output_max_chars: int = 256  # per case of a batch, stdout and stderr each
     # monitoring: Celery events + remote control over Redis (SQS has no fanout), so Flower
     # works with `--broker=<events_broker_url>`; "" turns both off
     events_broker_url: str = "redis://127.0.0.1:6379/1"

@@ -64,6 +64,11 @@ class ExecutionResult:
     deps_env: str | None = None  # the requirements.txt environment's key (sandbox/envs.py)
     deps_ms: float | None = None  # getting it: ~0.1 ms when built, the build on first use
     callback: str | None = None  # callback_url delivery: "queued", "refused: ...", "off: ..."
+    # issue 16: None when nothing was compiled; True when the host's build cache had the binary
+    compile_cached: bool | None = None
+    # a test-case batch: one dict per case (see execution/batch.py) and the verdict counts
+    cases: list[dict[str, Any]] | None = None
+    summary: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:

@@ -32,11 +32,16 @@ def run_code(
     submitted_at: float | None = None,
     function: str | None = None,
     callback_url: str | None = None,
+    stdin_s3_key: str | None = None,
+    cases: list[dict[str, Any]] | None = None,
+    cases_s3_key: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Run the code at ``s3://s3_bucket/s3_key``; returns an ExecutionResult as a dict.
 
     ``callback_url``: the worker POSTs the result there, signed (delivery/callbacks.py).
+    ``cases`` makes it a test-case batch (execution/batch.py); ``stdin_s3_key`` /
+    ``cases_s3_key`` name large inputs uploaded beside the code (execution/inputs.py).
     """
     received_at = time.time()
     request_id = request_id or self.request.id
@@ -52,6 +57,9 @@ def run_code(
             submitted_at=submitted_at,
             function=function,
             callback_url=callback_url,
+            stdin_s3_key=stdin_s3_key,
+            cases=cases,
+            cases_s3_key=cases_s3_key,
         )
         return run_once(
             self, request_id, str(runtime), lambda: get_runner().execute(req, received_at).to_dict()

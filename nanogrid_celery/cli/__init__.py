@@ -14,10 +14,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from nanogrid_celery import client
 
     stdin = Path(args.stdin).read_text() if args.stdin else None
+    cases = None
+    if args.cases:
+        doc = json.loads(Path(args.cases).read_text())
+        cases = doc["cases"] if isinstance(doc, dict) and "cases" in doc else doc
     result = client.run(
         args.path,
         args.runtime,
         stdin=stdin,
+        cases=cases,
         timeout_ms=args.timeout_ms,
         memory_mb=args.memory_mb,
         function=args.function,
@@ -26,6 +31,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
+    elif result.cases is not None:
+        for i, case in enumerate(result.cases):
+            verdict = case.get("verdict", "-")
+            print(
+                f"case {i}: [{case['status']}] {verdict} exit={case['exit_code']} "
+                f"run={case['duration_ms']}ms"
+                + (f" - {case['message']}" if case.get("message") else "")
+            )
+        print(
+            f"[{result.status}] {result.message} compile_cached={result.compile_cached} "
+            f"total={result.total_ms}ms",
+            file=sys.stderr,
+        )
     else:
         if result.stdout:
             sys.stdout.write(result.stdout)
@@ -39,6 +57,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if result.message:
             summary += f" - {result.message}"
         print(summary, file=sys.stderr)
+    if result.cases:  # every case ran to success and every verdict given is accepted
+        good = all(
+            c["status"] == "success" and c.get("verdict", "accepted") == "accepted"
+            for c in result.cases
+        )
+        return 0 if good else 1
     return 0 if result.ok else 1
 
 
@@ -80,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("path")
     run.add_argument("--runtime", default="python", help="python | cpp (c++)")
     run.add_argument("--stdin", help="file whose content is the program's stdin")
+    run.add_argument(
+        "--cases",
+        help='JSON file: [{"stdin", "expected_stdout", "timeout_ms", "memory_mb"}, ...] '
+        '(or {"cases": [...]}): one compile, a verdict per case',
+    )
     run.add_argument("--timeout-ms", type=int)
     run.add_argument("--memory-mb", type=int)
     run.add_argument("--function", help="name for the auto-tuner (default: hash of the code)")

@@ -19,6 +19,7 @@ from celery.result import AsyncResult
 
 from nanogrid_celery.app import app
 from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.execution.inputs import check_inputs, prepare_inputs
 from nanogrid_celery.execution.storage import content_addressed_key, ensure_bucket, upload
 from nanogrid_celery.result import ExecutionResult
 
@@ -110,19 +111,27 @@ def submit(
     queue: str | None = None,
     settings: Settings | None = None,
     callback_url: str | None = None,
+    cases: list[dict[str, Any]] | None = None,
 ) -> AsyncResult:
     """Upload ``code`` (a file, a folder, or ``{name: content}``) and enqueue a run.
 
     ``callback_url``: the worker POSTs the signed result there (docs/callbacks.md).
+    ``cases`` (a list of ``{"stdin", "expected_stdout", "timeout_ms", "memory_mb"}``)
+    runs the code once per case (``result.cases``). A stdin or cases document above
+    ``NANOGRID_INPUT_INLINE_MAX_BYTES`` goes up to S3 beside the code; one over its
+    documented maximum raises :class:`RunRejected` before anything is uploaded or sent.
     """
+    settings = settings or get_settings()
     request_id = request_id or f"req-{uuid.uuid4().hex}"
+    check_inputs(settings, stdin, cases)  # refuse before uploading anything
     bucket, key = upload_code(code, request_id, settings)
+    inputs = prepare_inputs(settings, bucket, stdin, cases)
     return enqueue(
         request_id,
         runtime,
         bucket,
         key,
-        stdin=stdin,
+        **inputs,
         timeout_ms=timeout_ms,
         memory_mb=memory_mb,
         function=function,

@@ -27,6 +27,10 @@ class RunRequest:
     submitted_at: float | None = None
     function: str | None = None
     callback_url: str | None = None  # POSTed the result by delivery/callbacks.py, never run
+    # issue 16: large stdin and test-case batches (see execution/inputs.py, execution/batch.py)
+    stdin_s3_key: str | None = None
+    cases: list[dict] | None = None
+    cases_s3_key: str | None = None
 
 
 def resolve_limits(settings: Settings, timeout_ms: int | None, memory_mb: int | None) -> RunLimits:

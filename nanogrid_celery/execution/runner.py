@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import docker
 
@@ -21,14 +22,17 @@ from nanogrid_celery.common.identity import ProcessIdentity
 from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import DependencyError, InternalError, RunRejected
+from nanogrid_celery.execution.batch import Case, fill_batch, parse_cases, run_cases
 from nanogrid_celery.execution.deps import Dependencies
-from nanogrid_celery.execution.request import RunRequest, resolve_limits, stdin_bytes
+from nanogrid_celery.execution.inputs import resolve_cases, resolve_stdin
+from nanogrid_celery.execution.request import RunRequest, resolve_limits
 from nanogrid_celery.execution.runtimes import Plan, plan_for, resolve_runtime
 from nanogrid_celery.execution.storage import content_hash, fetch_submission
 from nanogrid_celery.middleware import Hooks, Middleware, RunContext, default_middleware
 from nanogrid_celery.result import ExecutionResult, Status
 from nanogrid_celery.sandbox.box import Sandbox
 from nanogrid_celery.sandbox.executors import Executor, get_executor
+from nanogrid_celery.sandbox.lease import Lease
 from nanogrid_celery.sandbox.outcome import Outcome
 from nanogrid_celery.sandbox.output import decode
 from nanogrid_celery.sandbox.pool import ColdPool, WarmPool, make_pool
@@ -38,6 +42,7 @@ DOCKER_WAIT_S = 30.0  # a dockerd restart takes ~3 s here; the retry waits this 
 MAX_FAILURES = 2  # our own failures: the first is retried on a fresh container
 MAX_ATTEMPTS = 3  # with middleware retries (a tuned OOM gets one more go at 2x)
 
+T = TypeVar("T")
 Fetch = Callable[[Settings, str, str, str], dict[str, bytes]]
 
 
@@ -129,18 +134,26 @@ class Runner:
         ctx.runtime = result.runtime = resolve_runtime(req.runtime)
         ctx.limits = resolve_limits(self.settings, req.timeout_ms, req.memory_mb)
         result.limits = ctx.limits.as_dict()
-        stdin = stdin_bytes(self.settings, req.stdin)
+        stdin = resolve_stdin(self.settings, req)
+        raw_cases = resolve_cases(self.settings, req)
+        cases = None
+        if raw_cases is not None:
+            cases = parse_cases(self.settings, raw_cases, req.timeout_ms, req.memory_mb)
         files = self.fetch(self.settings, ctx.runtime, req.s3_bucket, req.s3_key)
         plan = plan_for(ctx.runtime, set(files))
         ctx.code_hash = content_hash(files)
         ctx.function = result.function = req.function or ctx.code_hash
-        ctx.explicit_memory = req.memory_mb is not None
+        # a batch is never memory-tuned: a case OOMing under a tuned limit gets no retry
+        ctx.explicit_memory = req.memory_mb is not None or cases is not None
         env = self.deps.prepare(ctx.runtime, files, result)  # requirements.txt, before a lease
         if env is not None:
             plan = replace(plan, env={"PYTHONPATH": env.pythonpath})
         try:
             self.hooks.emit_before(ctx)
-            self._attempts(ctx, plan, files, stdin)
+            if cases is not None:
+                self._execute_batch(ctx, plan, files, cases)
+            else:
+                self._attempts(ctx, plan, files, stdin)
         finally:
             if env is not None:
                 env.release()  # from here on it may be evicted
@@ -155,7 +168,9 @@ class Runner:
             result.limits = ctx.limits.as_dict()
             result.memory_limit_bytes = ctx.limits.memory_bytes
             try:
-                outcome = self._run_once(ctx, plan, files, stdin)
+                outcome = self._run_once(
+                    ctx, lambda lease: self.sandbox.run(lease, plan, files, stdin, ctx.limits)
+                )
             except InternalError as exc:
                 failures += 1
                 log.warning("attempt %d failed: %s", ctx.attempt, exc)
@@ -172,9 +187,29 @@ class Runner:
             ctx.limits = retry
             ctx.attempt += 1
 
-    def _run_once(
-        self, ctx: RunContext, plan: Plan, files: dict[str, bytes], stdin: bytes | None
-    ) -> Outcome:
+    def _execute_batch(
+        self, ctx: RunContext, plan: Plan, files: dict[str, bytes], cases: list[Case]
+    ) -> None:
+        """All cases in one lease (execution/batch.py); one retry on a fresh container."""
+        ctx.result.limits = ctx.limits.as_dict() if ctx.limits else {}
+        for failures in range(1, MAX_FAILURES + 1):
+            ctx.result.attempts = ctx.attempt
+            try:
+                batch = self._run_once(
+                    ctx,
+                    lambda lease: run_cases(self.settings, self.sandbox, lease, plan, files, cases),
+                )
+            except InternalError as exc:
+                log.warning("batch attempt %d failed: %s", ctx.attempt, exc)
+                if failures == MAX_FAILURES:
+                    raise InternalError(f"execution failed twice: {exc}") from exc
+                self._wait_for_docker()
+                ctx.attempt += 1
+                continue
+            fill_batch(self.settings, ctx.result, cases, batch)
+            return
+
+    def _run_once(self, ctx: RunContext, body: Callable[[Lease], T]) -> T:
         assert ctx.runtime is not None and ctx.limits is not None
         result = ctx.result
         t_lease = time.perf_counter()
@@ -182,7 +217,7 @@ class Runner:
         result.start_ms = round((time.perf_counter() - t_lease) * 1000, 3)
         result.container_id, result.start = lease.short_id, lease.start
         try:
-            outcome = self.sandbox.run(lease, plan, files, stdin, ctx.limits)
+            outcome = body(lease)
         except BaseException:
             self.pool.discard(lease, "run did not complete")
             raise
@@ -216,6 +251,7 @@ def _fill(result: ExecutionResult, outcome: Outcome) -> None:
     result.stderr_truncated = outcome.stderr.truncated
     result.duration_ms = outcome.duration_ms
     result.compile_ms = outcome.compile_ms
+    result.compile_cached = outcome.compile_cached
     result.peak_memory_bytes = outcome.peak_memory_bytes
     result.cpu_time_ms = outcome.cpu_time_ms
     if outcome.memory_limit_bytes is not None:

@@ -25,6 +25,7 @@ class Plan:
     compile: list[str] | None
     run: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the run step's (PYTHONPATH)
+    binary: str | None = None  # what our own compile step writes: the build cache's one name
 
 
 CPP_BINARY = "/tmp/.nanogrid-main"
@@ -43,6 +44,7 @@ def plan_for(runtime: str, files: set[str]) -> Plan:
     return Plan(
         compile=["g++", "-O2", "-std=c++17", "-o", CPP_BINARY, "main.cpp"],
         run=[CPP_BINARY],
+        binary=CPP_BINARY,
     )
 
 

@@ -31,15 +31,24 @@ log = get_logger(__name__)
 EVENT_VERSION = 1
 
 
-def event_payload(result: ExecutionResult, output_max_chars: int) -> dict[str, Any]:
-    """The message body: the result's fields plus event metadata, outputs capped."""
+def event_payload(
+    result: ExecutionResult, output_max_chars: int, case_output_max_chars: int = 256
+) -> dict[str, Any]:
+    """The message body: the result's fields plus event metadata, outputs capped.
+
+    A batch's cases (at most ``max_cases``) keep ``case_output_max_chars`` of each
+    output, so a 100-case event stays under ~60 KB whatever the programs printed.
+    """
     data = result.to_dict()
     cut = False
-    for name in ("stdout", "stderr"):
-        text = data.get(name) or ""
-        if output_max_chars >= 0 and len(text) > output_max_chars:
-            data[name] = text[:output_max_chars]
-            cut = True
+    for entry, cap in [(data, output_max_chars)] + [
+        (case, case_output_max_chars) for case in data.get("cases") or []
+    ]:
+        for name in ("stdout", "stderr"):
+            text = entry.get(name) or ""
+            if cap >= 0 and len(text) > cap:
+                entry[name] = text[:cap]
+                cut = True
     data["output_cut"] = cut
     data["event_version"] = EVENT_VERSION
     data["published_at"] = round(time.time(), 6)
@@ -76,7 +85,9 @@ class ResultPublisher:
         """The stream entry id, or None if Redis could not be reached."""
         s = self.settings
         try:
-            payload = event_payload(result, s.events_output_max_chars)
+            payload = event_payload(
+                result, s.events_output_max_chars, s.events_case_output_max_chars
+            )
             fields = stream_fields(payload)
             pipe = self.redis.pipeline(transaction=False)
             pipe.xadd(s.events_stream, fields, maxlen=s.events_maxlen, approximate=True)

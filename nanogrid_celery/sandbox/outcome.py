@@ -42,6 +42,7 @@ class Outcome:
     stderr: CappedBuffer = field(default_factory=lambda: CappedBuffer(0))
     duration_ms: float | None = None
     compile_ms: float | None = None
+    compile_cached: bool | None = None
     peak_memory_bytes: int | None = None
     cpu_time_ms: float | None = None
     memory_limit_bytes: int | None = None

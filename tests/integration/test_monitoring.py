@@ -6,6 +6,7 @@ import json
 import socket
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -64,7 +65,8 @@ def test_metrics_endpoint_counts_runs_latencies_and_pool(metrics_worker):
         w.run({"main.py": "print('ok')"}),
         w.run({"main.py": "print('ok again')"}),
         w.run({"main.py": "import sys; sys.exit(2)"}),
-        w.run({"main.cpp": HELLO_CPP}, "cpp"),  # no cpp pool: a cold start
+        # no cpp pool: a cold start; fresh source so the host's build cache cannot answer it
+        w.run({"main.cpp": HELLO_CPP + f"// {uuid.uuid4().hex}\n"}, "cpp"),
         w.run({"main.py": "print('never')"}, timeout_ms=0),  # rejected by the worker
     ]
     assert [r.status for r in results] == [

@@ -37,10 +37,13 @@ def test_single_file_upload(run, tmp_path):
 
 
 def test_cpp_hello_world(run):
-    result = run({"main.cpp": HELLO_CPP}, "cpp")
+    # fresh source each session: the host's build cache (issue 16) must not answer this one
+    code = {"main.cpp": HELLO_CPP + f"// {uuid.uuid4().hex}\n"}
+    result = run(code, "cpp")
     assert result.status == Status.SUCCESS, result
     assert result.stdout == "hello cpp\n"
     assert result.compile_ms and result.compile_ms > 0
+    assert result.compile_cached is False
 
 
 def test_cpp_alias_and_run_sh(run):
