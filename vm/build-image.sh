@@ -19,8 +19,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 
 case $NAME in
-    debian12) SUITE=bookworm SECURITY=bookworm-security UPDATES=bookworm-updates ;;
-    debian13) SUITE=trixie SECURITY=trixie-security UPDATES=trixie-updates ;;
+    debian12) SUITE=bookworm SECURITY=bookworm-security UPDATES=bookworm-updates EXTRA="" ;;
+    # trixie split the docker CLI out of docker.io
+    debian13) SUITE=trixie SECURITY=trixie-security UPDATES=trixie-updates EXTRA=,docker-cli ;;
     *) echo "build-image: unknown image $NAME (debian12|debian13)" >&2; exit 2 ;;
 esac
 MIRROR=${NANOGRID_VM_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)}
@@ -43,7 +44,7 @@ lap() { echo "build-image[$NAME]: $1 done at $((SECONDS - t0))s"; }
 # The kernel comes from the suite itself (linux-image-amd64), so each image boots the
 # kernel its distro ships. initramfs-tools' hooks are excluded: we boot our own initramfs.
 PKGS=docker.io,tini,iptables,iproute2,python3,python3-venv,ca-certificates,kmod,busybox-static
-PKGS=$PKGS,procps,redis-server,linux-image-amd64,xz-utils,zstd
+PKGS=$PKGS,procps,redis-server,linux-image-amd64,xz-utils,zstd$EXTRA
 mmdebstrap --variant=minbase --include="$PKGS" \
     --aptopt='Acquire::Check-Valid-Until "false"' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \

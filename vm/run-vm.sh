@@ -13,7 +13,7 @@
 # them (a nested PVM hypervisor, as on our machines), and that KVM cannot boot a stock
 # kernel, so everything else is TCG emulation (~12x slower CPU-bound code).
 # Environment: NANOGRID_VM_MEM (MiB, default 4096), NANOGRID_VM_CPUS (default 2),
-# NANOGRID_VM_TIMEOUT (s, default 900), NANOGRID_VM_ACCEL (auto|kvm|tcg).
+# NANOGRID_VM_TIMEOUT (s, default 1500), NANOGRID_VM_ACCEL (auto|kvm|tcg).
 set -uo pipefail
 IMG=${1:?usage: run-vm.sh IMAGE_DIR CTL_DIR CACHE_DIR [DATA_DISK [rw]]}
 CTL=$(realpath "${2:?}")
@@ -26,7 +26,7 @@ fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MEM=${NANOGRID_VM_MEM:-4096}
 CPUS=${NANOGRID_VM_CPUS:-2}
-TIMEOUT=${NANOGRID_VM_TIMEOUT:-900}
+TIMEOUT=${NANOGRID_VM_TIMEOUT:-1500}
 ACCEL=${NANOGRID_VM_ACCEL:-auto}
 if [ "$ACCEL" = auto ]; then
     if [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then ACCEL=kvm; else ACCEL=tcg; fi

@@ -93,7 +93,7 @@ print(p["dependencies"], p["optional-dependencies"])' "$REPO/pyproject.toml") \
         rm -f "$CACHE/docker-$name"-*.img
         mkdir -p "$out/prime"
         mke2fs -q -t ext4 -E root_owner=0:0 "$data.tmp" 6G
-        echo 'docker load -i /mnt/cache/runtime-images.tar && docker images' >"$out/prime/cmd.sh"
+        echo 'docker load -q -i /mnt/cache/runtime-images.tar && docker images' >"$out/prime/cmd.sh"
         "$HERE/run-vm.sh" "$img" "$out/prime" "$SAVE" "$data.tmp" rw
         mv "$data.tmp" "$data"
         prime_s="$((SECONDS - t))s"

@@ -4,7 +4,7 @@
 # so it starts its own Redis and moto on loopback and loads the runtime images that the
 # host saved into the cache share (no registry).
 #
-# Results: /mnt/ctl/junit-<executor>.xml and /mnt/ctl/test-logs/; timings in
+# Results: /mnt/ctl/junit-<executor>.xml and /mnt/ctl/run/test-logs/; timings in
 # /mnt/ctl/timings. Exit code: pytest's (the first non-zero of the executor passes).
 set -u
 CTL=/mnt/ctl
@@ -29,6 +29,8 @@ mark images_loaded
 mkdir -p "$SRC"
 (cd /mnt/repo && tar --exclude=./.venv --exclude=./.git --exclude=./.run --exclude=./build \
     --exclude='*/__pycache__' -cf - .) | tar -C "$SRC" -xf -
+mkdir -p "$CTL/run" # worker logs straight to the host, so a hung run still leaves them
+ln -s "$CTL/run" "$SRC/.run"
 redis-server --daemonize yes --save '' --appendonly no --bind 127.0.0.1 --port 6379 >/dev/null
 "$VENV/bin/moto_server" -H 127.0.0.1 -p 5000 >/tmp/moto.log 2>&1 &
 i=0
@@ -45,18 +47,13 @@ export NANOGRID_TEST_SLOWDOWN="$SLOWDOWN"
 cd "$SRC"
 python -m compileall -q nanogrid_celery tests >/dev/null 2>&1 # once, not per process
 rc=0
-extra=""
 for ex in $EXECUTORS; do
     mark "tests_${ex}_start"
     # shellcheck disable=SC2086
-    NANOGRID_EXECUTOR=$ex python -m pytest -q --color=no -p no:cacheprovider -o timeout=900 -rfE \
-        --junitxml="$CTL/junit-$ex.xml" $extra $PYTEST_ARGS
+    NANOGRID_EXECUTOR=$ex python -m pytest -v --color=no -p no:cacheprovider -o timeout=900 -rfE \
+        --junitxml="$CTL/junit-$ex.xml" $PYTEST_ARGS
     r=$?
-    # test_fast_path starts a worker per executor itself: once is enough
-    extra="--ignore=tests/integration/test_fast_path.py"
     mark "tests_${ex}_end"
     [ $rc -eq 0 ] && rc=$r
 done
-mkdir -p "$CTL/test-logs"
-cp -r "$SRC/.run/test-logs/." "$CTL/test-logs/" 2>/dev/null
 exit $rc
