@@ -130,6 +130,9 @@ print(f"{t - f - e - k} passed, {f} failed, {e} errors, {k} skipped in {float(s.
 PY
 )"
     done
+    for f in "$out"/figures-*.txt; do # peak memory / CPU time, one line per distinct program
+        [ -f "$f" ] && echo "--- $name $(basename "$f" .txt):" && sort -u -k1,1 "$f" | sed 's/^/    /'
+    done
     summary+=("$line")
     echo "=== $line"
     [ $rc -eq 0 ] || overall=1

@@ -54,6 +54,20 @@ for ex in $EXECUTORS; do
         --junitxml="$CTL/junit-$ex.xml" $PYTEST_ARGS
     r=$?
     mark "tests_${ex}_end"
+    # the measured figures of this pass (peak memory, CPU time) from the result stream
+    python - "$CTL/figures-$ex.txt" <<'PY'
+import json, sys, redis
+r = redis.Redis()
+with open(sys.argv[1], "w") as out:
+    for _id, e in r.xrange("nanogrid:results"):
+        res = json.loads(e[b"result"])
+        fn = (res.get("function") or "").rsplit("-", 1)[0]
+        if res.get("status") == "success" and fn.startswith("test-"):
+            peak = res.get("peak_memory_bytes")
+            mib = "-" if peak is None else f"{peak / 2**20:.1f}"
+            print(f"{fn:<22} peak={mib:>6} MiB  cpu={res.get('cpu_time_ms')} ms", file=out)
+r.delete("nanogrid:results")
+PY
     [ $rc -eq 0 ] && rc=$r
 done
 exit $rc
