@@ -112,13 +112,17 @@ def test_cpp_peak_memory(tw):
 def test_cpu_time_of_one_second_busy_loop(tw):
     r = tw.run({"main.py": BUSY_1S}, function=fn("busy"))
     assert r.status == Status.SUCCESS, r
+    assert r.cpu_time_ms >= 900, r.cpu_time_ms
     if SLOWDOWN == 1:
-        assert 900 <= r.cpu_time_ms <= 1100, r.cpu_time_ms
-    # cpu_time_ms is all the CPU of the run, interpreter start-up included: ~20 ms here,
-    # ~0.9 s under emulation (make test-cgroup2, exec executor). The loop's own second is
-    # the run's CPU less that of an empty program's run.
-    idle = tw.run({"main.py": "pass"}, function=fn("busy-base"))
-    assert 900 <= r.cpu_time_ms - idle.cpu_time_ms <= 1100, (r.cpu_time_ms, idle.cpu_time_ms)
+        assert r.cpu_time_ms <= 1100, r.cpu_time_ms
+    else:
+        # cpu_time_ms is all the CPU of the run, start-up included: ~5-20 ms on a real host,
+        # 0.1-0.9 s under emulation (make test-cgroup2), where a loaded host's preemption
+        # also counts as guest CPU. There the bound is the loop's second plus an empty
+        # program's run (measured now), with half of that again for the emulator's noise.
+        idle = tw.run({"main.py": "pass"}, function=fn("busy-base"))
+        limit = 1100 + 1.5 * idle.cpu_time_ms
+        assert r.cpu_time_ms <= limit, (r.cpu_time_ms, idle.cpu_time_ms)
     assert r.cpu_usage_percent == pytest.approx(100 * r.cpu_time_ms / r.duration_ms, abs=0.1)
     assert 10 < r.cpu_usage_percent <= 110
 
