@@ -222,17 +222,19 @@ class ContainerCgroup:
         self._move(keep, fresh)
         self.leaf = fresh
         doomed = [d for d in self._tree() if d != fresh]
-        victims = set().union(*(_read_pids(d / "cgroup.procs") for d in doomed)) - keep
+        victims = self.procs() - keep
         deadline = time.monotonic() + timeout
         while True:
-            left = set().union(*(_read_pids(d / "cgroup.procs") for d in doomed)) - keep
+            left = self.procs() - keep
             if not left or time.monotonic() > deadline:
                 break
             for d in doomed[1:]:  # C itself holds no process once leaves exist
                 with contextlib.suppress(FileNotFoundError):
                     _write(d / "cgroup.kill", "1")
-            # a process in C itself (a join raced the first move): the signal path
-            for pid in _read_pids(self.memory / "cgroup.procs") - keep:
+            # anything outside the doomed leaves (in C, or one that joined the keepers' new
+            # leaf while they moved): the signal path, as on v1
+            stray = left - set().union(*(_read_pids(d / "cgroup.procs") for d in doomed[1:]))
+            for pid in stray:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.0005)
