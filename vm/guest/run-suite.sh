@@ -49,11 +49,18 @@ python -m compileall -q nanogrid_celery tests >/dev/null 2>&1 # once, not per pr
 rc=0
 for ex in $EXECUTORS; do
     mark "tests_${ex}_start"
+    # where every process sits (cgroup), once a minute: for post-mortems of a failed run
+    (for n in 1 2 3 4 5 6 7 8; do
+        sleep 60
+        ps -eo pid,ppid,cgroup:90,args >"$CTL/ps-$ex-$n.txt" 2>/dev/null
+    done) &
+    snap=$!
     # shellcheck disable=SC2086
     NANOGRID_EXECUTOR=$ex python -m pytest -v --color=no -p no:cacheprovider -o timeout=900 -rfE \
         --junitxml="$CTL/junit-$ex.xml" $PYTEST_ARGS
     r=$?
     mark "tests_${ex}_end"
+    kill $snap 2>/dev/null
     # the measured figures of this pass (peak memory, CPU time) from the result stream
     python - "$CTL/figures-$ex.txt" <<'PY'
 import json, sys, redis
