@@ -14,13 +14,15 @@ export AWS_ACCESS_KEY_ID ?= test
 export AWS_SECRET_ACCESS_KEY ?= test
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: help bootstrap services images up down status test unit lint format bench clean distclean
+.PHONY: help bootstrap services images up down status test test-cgroup2 unit lint format bench clean distclean
 
 help:
 	@echo "make up         start the whole local stack (services, images, worker, Flower) + demo run"
 	@echo "make down       stop what 'make up' started"
 	@echo "make status     show services, worker and Flower"
 	@echo "make test       all tests (starts services, builds images)"
+	@echo "make test-cgroup2  the cgroup tests on throw-away cgroup v2 Docker hosts (QEMU VMs:"
+	@echo "                Debian 12 and 13; NANOGRID_VM_IMAGES=debian12 for one; see vm/README.md)"
 	@echo "make unit       unit tests only, no services"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make format     apply ruff format + ruff check --fix"
@@ -55,6 +57,11 @@ endef
 
 test: images
 	$(call run_pytest,tests/)
+
+# Needs the runtime images in this host's Docker (built if missing), not its services:
+# each VM runs its own Redis, moto and dockerd.
+test-cgroup2: bootstrap
+	@bash vm/test-cgroup2.sh
 
 unit: bootstrap
 	$(call run_pytest,tests/unit)

@@ -133,7 +133,7 @@ def create_container(
             raise
         (host_dir / "container").write_text(container.id)
         init_pid = int(container.attrs["State"]["Pid"])
-        cgroup = ContainerCgroup(container.id)
+        cgroup = ContainerCgroup(container.id, init_pid)
         keep: set[int] = set()
         for _ in range(100):  # the keeper appears a moment after init
             keep = cgroup.procs()

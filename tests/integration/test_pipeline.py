@@ -122,6 +122,7 @@ def test_result_is_found_by_request_id(worker):
     assert again.request_id == handle.id and again.stdout == "1\n"
 
 
+@pytest.mark.cgroups
 def test_container_is_paused_again_and_reused(worker):
     first = worker.run({"main.py": "print(1)"})
     assert worker.wait_pool_full()

@@ -29,6 +29,7 @@ def py(code: str) -> dict[str, str]:
     return {"main.py": code}
 
 
+@pytest.mark.cgroups
 def test_infinite_loop_times_out_and_container_is_reused(run):
     result = run(py("while True: pass"), timeout_ms=1000)
     assert result.status == Status.TIMEOUT, result
@@ -39,6 +40,7 @@ def test_infinite_loop_times_out_and_container_is_reused(run):
     assert after.container_id == result.container_id
 
 
+@pytest.mark.cgroups
 def test_timeout_kills_the_whole_process_tree(run):
     code = (
         "import subprocess, time\n"
@@ -59,6 +61,7 @@ def test_timeout_kills_the_whole_process_tree(run):
     assert check.stdout == "0\n", check
 
 
+@pytest.mark.cgroups
 def test_memory_hog_is_oom(run):
     result = run(py("x = bytearray(400 * 1024 * 1024); print(len(x))"), memory_mb=64)
     assert result.status == Status.OOM, result
@@ -67,6 +70,7 @@ def test_memory_hog_is_oom(run):
     assert run(py("print('ok')")).status == Status.SUCCESS
 
 
+@pytest.mark.cgroups
 def test_fork_bomb_is_contained(worker, run):
     bomb = (
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
@@ -79,6 +83,7 @@ def test_fork_bomb_is_contained(worker, run):
     assert worker.proc.poll() is None
 
 
+@pytest.mark.cgroups
 def test_background_child_is_gone_in_next_run(run):
     marker = uuid.uuid4().hex
     first = run(
@@ -106,6 +111,7 @@ def test_background_child_is_gone_in_next_run(run):
     assert second.stdout == "0\n", second
 
 
+@pytest.mark.cgroups
 def test_tmp_files_do_not_survive(run):
     first = run(
         py(
@@ -317,6 +323,7 @@ def test_empty_and_oversized_code_is_rejected(run, tmp_path):
     assert result.status == Status.REJECTED and "at most" in result.message
 
 
+@pytest.mark.cgroups
 def test_container_count_is_unchanged(worker):
     assert worker.wait_pool_full()
     containers = worker.containers()

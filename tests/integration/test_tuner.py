@@ -22,7 +22,7 @@ from nanogrid_celery.config import Settings, get_settings
 from nanogrid_celery.middleware.tuning import MB, TunerPolicy, recommend
 from nanogrid_celery.result import ExecutionResult, Status
 
-from .harness import REPO, WorkerProcess
+from .harness import REPO, SLOWDOWN, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +83,7 @@ def mib(n: int | None) -> float:
 
 
 # -- metrics ---------------------------------------------------------------------------
+@pytest.mark.cgroups
 def test_idle_program_peak_under_20mb(tw):
     r = tw.run({"main.py": "pass"}, function=fn("idle"))
     assert r.status == Status.SUCCESS, r
@@ -90,6 +91,7 @@ def test_idle_program_peak_under_20mb(tw):
     assert r.memory_limit_bytes == get_settings().limits.default_memory_mb * MB
 
 
+@pytest.mark.cgroups
 @pytest.mark.parametrize("size", [10, 100, 200])
 def test_python_peak_memory(tw, size):
     r = tw.run(hold(size), function=fn(f"hold{size}"))
@@ -98,6 +100,7 @@ def test_python_peak_memory(tw, size):
     assert size <= mib(r.peak_memory_bytes) <= size + 30, mib(r.peak_memory_bytes)
 
 
+@pytest.mark.cgroups
 def test_cpp_peak_memory(tw):
     r = tw.run({"main.cpp": CPP_HOLD_100}, "cpp", function=fn("cpp100"))
     assert r.status == Status.SUCCESS, r
@@ -105,14 +108,26 @@ def test_cpp_peak_memory(tw):
     assert 100 <= mib(r.peak_memory_bytes) <= 130, mib(r.peak_memory_bytes)
 
 
+@pytest.mark.cgroups
 def test_cpu_time_of_one_second_busy_loop(tw):
     r = tw.run({"main.py": BUSY_1S}, function=fn("busy"))
     assert r.status == Status.SUCCESS, r
-    assert 900 <= r.cpu_time_ms <= 1100, r.cpu_time_ms
+    assert r.cpu_time_ms >= 900, r.cpu_time_ms
+    if SLOWDOWN == 1:
+        assert r.cpu_time_ms <= 1100, r.cpu_time_ms
+    else:
+        # cpu_time_ms is all the CPU of the run, start-up included: ~5-20 ms on a real host,
+        # 0.1-0.9 s under emulation (make test-cgroup2), where a loaded host's preemption
+        # also counts as guest CPU. There the bound is the loop's second plus an empty
+        # program's run (measured now), with half of that again for the emulator's noise.
+        idle = tw.run({"main.py": "pass"}, function=fn("busy-base"))
+        limit = 1100 + 1.5 * idle.cpu_time_ms
+        assert r.cpu_time_ms <= limit, (r.cpu_time_ms, idle.cpu_time_ms)
     assert r.cpu_usage_percent == pytest.approx(100 * r.cpu_time_ms / r.duration_ms, abs=0.1)
     assert 10 < r.cpu_usage_percent <= 110
 
 
+@pytest.mark.cgroups
 def test_oom_detected_without_oomkilled(tw):
     r = tw.run(hold(100), function=fn("oom"), memory_mb=64)
     assert r.status == Status.OOM, r
@@ -121,6 +136,7 @@ def test_oom_detected_without_oomkilled(tw):
 
 
 # -- the tuner ---------------------------------------------------------------------------
+@pytest.mark.cgroups
 def test_limit_converges_to_recommendation(tw):
     name = fn("converge")
     results = [tw.run(hold(50), function=name) for _ in range(MIN_RUNS + 2)]
@@ -139,6 +155,7 @@ def test_limit_converges_to_recommendation(tw):
     assert all(r.function == name for r in results)
 
 
+@pytest.mark.cgroups
 def test_growth_past_tuned_limit_gets_one_retry(tw):
     name = fn("grow")
     for _ in range(MIN_RUNS):

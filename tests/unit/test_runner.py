@@ -250,7 +250,7 @@ def test_create_container_raises_an_internal_error_when_the_keeper_never_comes_u
     from nanogrid_celery.sandbox import containers
     from nanogrid_celery.sandbox.stub import StubCgroup
 
-    monkeypatch.setattr(containers, "ContainerCgroup", lambda cid: StubCgroup())
+    monkeypatch.setattr(containers, "ContainerCgroup", lambda cid, init_pid=None: StubCgroup())
     client = _FakeClient()
     settings = Settings(work_root=str(tmp_path))
     with pytest.raises(ContainerStartFailed, match="did not come up"):
