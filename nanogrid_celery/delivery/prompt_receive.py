@@ -5,31 +5,41 @@ loop (the hub): receive -> deliver -> schedule the next receive. With no free
 prefetch slot (``-c 1``, prefetch 1, a task running) its ``_schedule_queue``
 re-checks on every pass of the loop by re-adding itself with
 ``hub.call_soon``. The hub runs its ready callbacks (a set, in no fixed
-order) at the top of a pass, then polls its file descriptors with a 1 s
-timeout, and a ``call_soon`` made on the hub's own thread does not wake that
-poll. Celery's prefork pool acks a finished task with a ``call_soon`` too, so
-the ack and the re-check run in the same batch: when the re-check goes first
-it finds no slot, re-adds itself, and the hub sleeps ~1 s before the next
-ReceiveMessage. Measured (kombu 5.7, moto, python hello, ``-c 1``): the
-next receive came 0.84-0.98 s after the ack, 2-4 runs/s at 1-4 clients and
-queue_ms p50 ~0.9 s at 2 clients, although a run costs ~15 ms.
+order) at the top of a pass, fires due timers, then polls its file
+descriptors with a timeout of up to 1 s; a ``call_soon`` made on the hub's
+own thread does not end that poll. Celery acks a finished task with a
+``call_soon`` too, so ack and re-check run in the same batch, and when the
+re-check goes first it finds no slot, re-adds itself and the hub sleeps
+~1 s before the next ReceiveMessage. Measured (kombu 5.7, celery 5.7, moto,
+python hello, ``-c 1``): the next receive came 0.84-0.98 s after the ack;
+2-4 runs/s at 1-4 clients, queue_ms p50 ~0.9 s at 2 clients, though a run
+costs ~15 ms.
 
-Here a poll with no free slot is *parked* instead (no re-check loop), and
-whatever frees a slot - an ack, a reject or requeue, a larger prefetch count -
-resumes it before the hub next sleeps: on the hub's thread with a timer due
-now (the hub fires due timers before it polls), from another thread (``-P
-threads`` acks from its pool threads) with ``call_soon``, which does wake
-the poll. Solo and prefork ack on the hub's thread. A parked poll also
-re-checks on its own after :attr:`PromptReceive.park_recheck_s`, so a slot
-freed some other way is noticed no later than kombu would notice it. The
-next receive after a delivery is scheduled the same prompt way.
+Here a poll with no free slot is *parked* instead of re-checking, and what
+frees a slot - an ack, a reject or requeue, a larger prefetch count -
+resumes it before the hub next sleeps, with a timer due now (fired before
+the poll, whatever phase of the pass adds it). Two more hub quirks needed
+handling, both measured with tracing:
 
-Long polling is unchanged: one chain per queue, and an empty receive is
-followed by one new long poll (``wait_time_seconds``), so an idle worker
-makes no more ReceiveMessage calls than kombu's loop (counted in
-tests/integration/test_prompt_receive.py and benchmarks/consume.py).
-``NANOGRID_SQS_PROMPT_RECEIVE=false`` turns all of this off (kombu's loop,
-the benchmark's baseline).
+* ``-P threads`` acks from a pool thread. With no pool pipes and no receive
+  in flight the hub has no file descriptor to watch and then does not poll
+  at all (so kombu's own waker is unwatched) but sleeps 0.1 s per pass: the
+  ack waited 60-180 ms (9 runs/s at one client). The channel keeps a
+  wake-up pipe (:class:`_Wakeup`) on the hub; a pool thread's ack writes
+  to it after its ``call_soon``.
+* solo acks inside the receive callback, which may run in the timer phase;
+  the ``call_soon``'d ack then waits behind the poll, and the parked poll
+  behind it (p95 queue_ms 0.8 s at 2 clients). Parking writes one byte to
+  the same pipe: one more pass before the hub sleeps, no loop.
+
+A parked poll also re-checks on its own after
+:attr:`PromptReceive.park_recheck_s`, so a slot freed some other way is
+noticed no later than kombu's loop would. Long polling is unchanged: one
+chain per queue, and an empty receive is followed by one new long poll
+(``wait_time_seconds``), so an idle worker makes no more ReceiveMessage
+calls than kombu's loop (counted in tests/integration/test_prompt_receive.py
+and benchmarks/consume.py). ``NANOGRID_SQS_PROMPT_RECEIVE=false`` turns all
+of this off (kombu's loop: the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -64,10 +74,13 @@ class PromptReceive:
             super()._loop1(queue)  # type: ignore[misc]  # kombu's: call_soon, every pass
             return
         self.__dict__["_hub_thread"] = threading.get_ident()
-        self._watch_wakeups()
+        wakeup = self._watch_wakeups()
         parked = self._parked()
         if queue not in parked:
             parked[queue] = self.hub.call_later(self.park_recheck_s, self._resume, queue)
+            # one more pass before the hub sleeps: an ack queued with call_soon during this
+            # pass (solo acks inside the receive callback) runs at the top of the next one
+            wakeup.wake()
 
     def _loop1(self, queue: str, messages_fetched: Any = None) -> None:
         """After a receive, the next one (kombu's, but before the hub next sleeps)."""
@@ -141,39 +154,39 @@ class PromptReceive:
             parked = self.__dict__["_parked_polls"] = {}
         return parked
 
-    def _watch_wakeups(self) -> None:
+    def _watch_wakeups(self) -> _Wakeup:
         """Have the hub poll our wake-up pipe (again, after a ``hub.reset()`` forgot it)."""
         wakeup = self.__dict__.get("_wakeup")
         if wakeup is None:
             wakeup = self.__dict__["_wakeup"] = _Wakeup()
         if wakeup.reader not in self.hub.readers:
             self.hub.add_reader(wakeup.reader, wakeup.drain)
+        return wakeup
 
 
 class _Wakeup:
-    """A pipe the hub reads, so that another thread can end the hub's poll.
-
-    Needed for ``-P threads``: with no pool pipes and no receive in flight
-    the hub has no file descriptor to watch, and then it does not poll at
-    all (so kombu's own waker is not watched either) but sleeps 0.1 s per
-    pass; acks queued by a pool thread waited 60-180 ms for it (measured,
-    ``-P threads -c 1``: 9 runs/s with one client).
-    """
+    """A pipe the hub reads: a byte written to it ends the hub's poll (see the module doc)."""
 
     def __init__(self) -> None:
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.reader, False)
         os.set_blocking(self.writer, False)
+        self._lock = threading.Lock()  # a pool thread must never write to a closed (reused) fd
+        self._closed = False
 
     def wake(self) -> None:
-        with suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            os.write(self.writer, b"\0")
+        with self._lock:
+            if not self._closed:
+                with suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self.writer, b"\0")
 
     def drain(self) -> None:
-        with suppress(OSError):
+        with suppress(BlockingIOError):
             os.read(self.reader, 4096)
 
     def close(self) -> None:
-        for fd in (self.reader, self.writer):
-            with suppress(OSError):
-                os.close(fd)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.reader)
+                os.close(self.writer)
