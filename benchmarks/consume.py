@@ -21,6 +21,7 @@ call per ``wait_time_seconds`` (20 s: 3 a minute).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import suppress
@@ -327,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shared-moto", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="markdown file whose consumer section to replace (e.g. benchmarks/RESULTS.md)",
+    )
     args = parser.parse_args(argv)
     moto = None
     if not args.shared_moto:
@@ -336,18 +343,48 @@ def main(argv: list[str] | None = None) -> int:
     bench._configure_environment()
     clients = bench.ClientPool(max(CLIENTS))
     console = Console()
+    from .report import machine_info
+
+    machine = machine_info()
     try:
         data = run(clients, args.quick, lambda text: console.print(text))
     finally:
         clients.close()
         if moto is not None:
             moto.stop()
+    data["when"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    data["load_average"] = [machine["load_average_at_start"], list(os.getloadavg())]
     print_tables(console, data)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "consume-latest.json"
     path.write_text(json.dumps(data, indent=1))
     console.print(f"wrote {path}")
+    if args.results is not None:
+        replace_section(args.results, data)
+        console.print(f"updated {args.results}")
     return 0
+
+
+def replace_section(results_md: Path, data: dict[str, Any]) -> None:
+    """Put this run's consumer section into ``results_md`` (a run of this module alone)."""
+    text = results_md.read_text() if results_md.exists() else ""
+    head = "## Consumer:"
+    start = text.find(head)
+    if start < 0:
+        before, after = text.rstrip() + "\n\n", ""
+    else:
+        before = text[:start]
+        nxt = text.find("\n## ", start + len(head))
+        after = "" if nxt < 0 else text[nxt + 1 :]
+    lines = markdown_lines(data)
+    start_load, end_load = data.get("load_average", [None, None])
+    lines[1:1] = [
+        "",
+        f"Recorded by `python -m benchmarks.consume --results` at {data.get('when')} "
+        f"({data['seconds']} s; load average {start_load} -> "
+        f"{[round(x, 2) for x in end_load or []]}).",
+    ]
+    results_md.write_text(before + "\n".join(lines) + ("\n" + after if after else ""))
 
 
 if __name__ == "__main__":
