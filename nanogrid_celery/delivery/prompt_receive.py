@@ -13,9 +13,10 @@ re-check goes first it finds no slot, re-adds itself and the hub sleeps
 ~1 s before the next ReceiveMessage. Measured (kombu 5.7, celery 5.7, moto,
 python hello, ``-c 1``): the next receive came 0.84-0.98 s after the ack;
 2-4 runs/s at 1-4 clients, queue_ms p50 ~0.9 s at 2 clients, though a run
-costs ~15 ms. After (same benchmark, machine shared with VMs, load 4-8):
-15-31 runs/s, queue_ms p50 50-90 ms at 2 clients, and the slot sits idle
-23-34 ms (p50) while a message waits instead of ~0.8 s - the rest is
+costs ~15 ms. After (benchmarks/RESULTS.md, consumer matrix, same run):
+``-c 1`` 31.9 / 35.3 / 26.5 runs/s at 1 / 2 / 4 clients (before 1.8 / 2.1 /
+2.7), queue_ms p50 43 ms at 2 clients (before 925), and the slot sits idle
+23-39 ms (p50, tests) while a message waits instead of ~0.8 s; the rest is
 ReceiveMessage, DeleteMessage and the run itself, one after the other.
 
 Here a poll with no free slot is *parked* instead of re-checking, and what
