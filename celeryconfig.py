@@ -27,6 +27,8 @@ broker_transport_options = {
     "wait_time_seconds": _s.sqs_wait_seconds,
     "polling_interval": 0,
     "visibility_timeout": _s.visibility_timeout,
+    "prompt_receive": _s.sqs_prompt_receive,
+    "requeue_delay_seconds": _s.sqs_requeue_delay_s,
 }
 broker_connection_retry_on_startup = True
 result_backend = _s.result_backend

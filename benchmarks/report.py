@@ -198,6 +198,10 @@ def print_summary(console: Console, data: dict[str, Any]) -> None:
     for t in data["targets"]:
         mark = {True: "[green]met", False: "[red]missed", None: "[yellow]n/a"}[t["met"]]
         console.print(f"target {t['target']}: {_fmt(t['value'])} (goal {t['goal']}) {mark}")
+    if data.get("consume"):
+        from . import consume
+
+        consume.print_tables(console, data["consume"])
 
 
 def _fmt(value: float | None) -> str:
@@ -369,4 +373,8 @@ def markdown(data: dict[str, Any], chart: Path) -> str:
         f"![latency distributions](out/{chart.name}) (written to `benchmarks/out/`, not committed)",
         "",
     ]
+    if data.get("consume"):
+        from . import consume
+
+        lines += consume.markdown_lines(data["consume"])
     return "\n".join(lines)

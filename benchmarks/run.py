@@ -18,6 +18,7 @@ the program's own ``duration_ms``) and the worker-side overhead (``total_ms``
 minus ``duration_ms``); then throughput at 1, 2 and 4 concurrent clients. It
 writes JSON and a PNG chart to ``--out`` and (full runs) ``benchmarks/RESULTS.md``.
 With the agent mode it then runs ``benchmarks/batch.py`` (build cache, test-case batches).
+Last, the consumer matrix of :mod:`benchmarks.consume` (``--skip-consume`` leaves it out).
 """
 
 from __future__ import annotations
@@ -153,15 +154,17 @@ def _client_process(tasks: mp.Queue, results: mp.Queue) -> None:
         submitter.run(scenario)
         time.sleep(max(0.0, start_at - time.time()))
         begin = time.time()
-        latencies, failures = [], 0
+        latencies, queue_ms, failures = [], [], 0
         for _ in range(runs):
             try:
                 latency, result = submitter.run(scenario)
                 latencies.append(latency)
+                if result.queue_ms is not None:
+                    queue_ms.append(result.queue_ms)
                 failures += str(result.status) != "success"
             except Exception:
                 failures += 1
-        results.put((begin, time.time(), latencies, failures))
+        results.put((begin, time.time(), latencies, failures, queue_ms))
 
 
 class ClientPool:
@@ -187,9 +190,10 @@ class ClientPool:
         end = max(p[1] for p in parts)
         latencies = [lat for p in parts for lat in p[2]]
         failures = sum(p[3] for p in parts)
+        queue_ms = [q for p in parts for q in p[4]]
         runs = each * concurrency
         return ThroughputResult(
-            mode, scenario.name, concurrency, runs, end - begin, latencies, failures
+            mode, scenario.name, concurrency, runs, end - begin, latencies, failures, queue_ms
         )
 
     def close(self) -> None:
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         "--shared-moto",
         action="store_true",
         help="use the configured SQS/S3 endpoints instead of a private moto server",
+    )
+    parser.add_argument(
+        "--skip-consume",
+        action="store_true",
+        help="leave out the consumer matrix (benchmarks/consume.py, issue 17)",
     )
     parser.add_argument(
         "--results",
@@ -266,6 +275,7 @@ def _run(args: argparse.Namespace, modes: list[str], results_md: Path | None) ->
     clients = ClientPool(max(CONCURRENCY))
     scenario_results: list[ScenarioResult] = []
     throughput: list[ThroughputResult] = []
+    consume_data: dict[str, Any] | None = None
     started = time.time()
     try:
         with Progress(
@@ -311,11 +321,18 @@ def _run(args: argparse.Namespace, modes: list[str], results_md: Path | None) ->
                             container.remove(force=True)
                     if left:
                         console.print(f"[red]{mode}: worker left {len(left)} containers")
+        if not args.skip_consume:
+            from . import consume
+
+            console.print("consumer matrix (benchmarks/consume.py)")
+            consume_data = consume.run(clients, args.quick, lambda text: console.print(text))
     finally:
         clients.close()
     data = report.build(
         machine, modes, scenario_results, throughput, started, time.time(), quick=args.quick
     )
+    if consume_data is not None:
+        data["consume"] = consume_data
     report.print_summary(console, data)
     paths = report.write(data, args.out, results_md)
     for path in paths:

@@ -87,6 +87,7 @@ class ThroughputResult:
     seconds: float
     latencies_ms: list[float]
     failures: int
+    queue_ms: list[float] = field(default_factory=list)  # SQS send -> task start, per run
 
     @property
     def runs_per_second(self) -> float:
@@ -101,5 +102,6 @@ class ThroughputResult:
             "seconds": round(self.seconds, 3),
             "runs_per_second": self.runs_per_second,
             "latency_ms": describe(self.latencies_ms),
+            "queue_ms": describe(self.queue_ms),
             "failures": self.failures,
         }

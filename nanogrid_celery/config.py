@@ -65,6 +65,9 @@ class Settings:
     sqs_region: str = "us-east-1"
     sqs_secure: bool = False
     sqs_wait_seconds: int = 20
+    # issue 17 (sqs_transport.py): receive as soon as a slot frees; false = kombu's own loop
+    sqs_prompt_receive: bool = True
+    sqs_requeue_delay_s: int = 0  # a requeued message (its pool child died) is visible again
     queue: str = "nanogrid-runs"
     visibility_timeout: int = 600
     # reliability (issue 7): see visibility.py, idempotency.py, deadletter.py

@@ -9,7 +9,10 @@ client reads its URLs once, at import).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
+import os
 import shutil
 import signal
 import socket
@@ -73,10 +76,17 @@ class Server:
     def argv(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
     def start(self, timeout: float = 20) -> Server:
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.env(),
             )
         wait_for(lambda: port_open(self.port), timeout, f"{self.name} on :{self.port}")
         return self
@@ -117,7 +127,41 @@ class RedisServer(Server):
 
 
 class MotoServer(Server):
+    """A private moto; with ``record=True`` it writes every request it gets to a file.
+
+    moto's recorder (``MOTO_ENABLE_RECORDING``) appends each request as it
+    arrives, headers and body, so a test can count the SQS calls a worker
+    makes (:meth:`sqs_calls`) without wrapping anything in the worker.
+    """
+
     name = "moto"
+
+    def __init__(self, port: int | None = None, record: bool = False) -> None:
+        super().__init__(port)
+        self.record = record
+        self.recording = LOG_DIR / f"{self.name}-{self.port}.requests.jsonl"
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        if self.record:
+            env.update(MOTO_ENABLE_RECORDING="true", MOTO_RECORDER_FILEPATH=str(self.recording))
+        return env
+
+    def sqs_calls(self, action: str, queue: str) -> int:
+        """How many ``action`` calls (e.g. "ReceiveMessage") named the queue ``queue``."""
+        if not self.recording.exists():
+            return 0
+        count = 0
+        for line in self.recording.read_text().splitlines():
+            entry = json.loads(line)
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode("utf-8", "replace")
+            target = entry.get("headers", {}).get("X-Amz-Target", "")
+            named = target == f"AmazonSQS.{action}" or f"Action={action}" in body
+            if named and (f'/{queue}"' in body or f"%2F{queue}&" in body + "&"):
+                count += 1
+        return count
 
     def argv(self) -> list[str]:
         venv_bin = Path(sys.executable).parent / "moto_server"
