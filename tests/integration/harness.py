@@ -97,7 +97,11 @@ class WorkerProcess:
             if "ready." in self.log_path.read_text() and self.paused_count() >= self.pool_target:
                 return self
             time.sleep(0.2)
-        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+        tail = self.log_tail()
+        self.stop()  # a worker that never became ready must not outlive the test, nor its pool
+        for container in self.containers():
+            container.remove(force=True)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{tail}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
