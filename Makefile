@@ -14,13 +14,14 @@ export AWS_ACCESS_KEY_ID ?= test
 export AWS_SECRET_ACCESS_KEY ?= test
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: help bootstrap services images up down status test test-cgroup2 unit lint format bench clean distclean
+.PHONY: help bootstrap services images up down status test test-host test-cgroup2 unit lint format bench clean distclean
 
 help:
 	@echo "make up         start the whole local stack (services, images, worker, Flower) + demo run"
 	@echo "make down       stop what 'make up' started"
 	@echo "make status     show services, worker and Flower"
-	@echo "make test       all tests (starts services, builds images)"
+	@echo "make test       every test: the host suite, then the cgroup v2 VM suite (Debian 12)"
+	@echo "make test-host  the host suite only (starts services, builds images)"
 	@echo "make test-cgroup2  the cgroup tests on throw-away cgroup v2 Docker hosts (QEMU VMs:"
 	@echo "                Debian 12 and 13; NANOGRID_VM_IMAGES=debian12 for one; see vm/README.md)"
 	@echo "make unit       unit tests only, no services"
@@ -55,7 +56,13 @@ define run_pytest
 	exit "$$rc"
 endef
 
-test: images
+# Every test: the host suite, then the cgroup tests again on a throw-away cgroup v2 Docker
+# host (Debian 12 VM; NANOGRID_VM_IMAGES="debian12 debian13" for both). test-host alone is
+# the quick loop while developing.
+test: test-host
+	@NANOGRID_VM_IMAGES="$${NANOGRID_VM_IMAGES:-debian12}" bash vm/test-cgroup2.sh
+
+test-host: images
 	$(call run_pytest,tests/)
 
 # Needs the runtime images in this host's Docker (built if missing), not its services:
