@@ -18,6 +18,7 @@ from typing import Any
 from celery.result import AsyncResult
 
 from nanogrid_celery.app import app
+from nanogrid_celery.client.canvas import run_code_kwargs
 from nanogrid_celery.config import Settings, get_settings
 from nanogrid_celery.execution.inputs import check_inputs, prepare_inputs
 from nanogrid_celery.execution.storage import content_addressed_key, ensure_bucket, upload
@@ -88,14 +89,7 @@ def enqueue(
     request_id: str, runtime: str, bucket: str, key: str, queue: str | None = None, **options: Any
 ) -> AsyncResult:
     """Send ``run_code`` for code already in S3 (``options``: stdin, timeout_ms, memory_mb)."""
-    kwargs = {
-        "request_id": request_id,
-        "runtime": runtime,
-        "s3_bucket": bucket,
-        "s3_key": key,
-        "submitted_at": time.time(),
-        **{k: v for k, v in options.items() if v is not None},
-    }
+    kwargs = run_code_kwargs(request_id, runtime, bucket, key, **options)
     return app.send_task("nanogrid.run_code", kwargs=kwargs, task_id=request_id, queue=queue)
 
 

@@ -28,6 +28,20 @@ def _new_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
+def run_code_kwargs(
+    request_id: str, runtime: str, bucket: str, key: str, **options: Any
+) -> dict[str, Any]:
+    """The ``run_code`` message for code already in S3 (options left out when None)."""
+    return {
+        "request_id": request_id,
+        "runtime": runtime,
+        "s3_bucket": bucket,
+        "s3_key": key,
+        "submitted_at": time.time(),
+        **{k: v for k, v in options.items() if v is not None},
+    }
+
+
 def run_signature(
     bucket: str,
     key: str,
@@ -39,14 +53,7 @@ def run_signature(
 ) -> Signature:
     """An immutable ``nanogrid.run_code`` signature for code already in S3."""
     request_id = request_id or _new_id()
-    kwargs = {
-        "request_id": request_id,
-        "runtime": runtime,
-        "s3_bucket": bucket,
-        "s3_key": key,
-        "submitted_at": time.time(),
-        **{k: v for k, v in options.items() if v is not None},
-    }
+    kwargs = run_code_kwargs(request_id, runtime, bucket, key, **options)
     opts: dict[str, Any] = {"task_id": request_id}
     if queue:
         opts["queue"] = queue

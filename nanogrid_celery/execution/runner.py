@@ -162,23 +162,12 @@ class Runner:
         self, ctx: RunContext, plan: Plan, files: dict[str, bytes], stdin: bytes | None
     ) -> None:
         result = ctx.result
-        failures = 0
         while True:
-            result.attempts = ctx.attempt
             result.limits = ctx.limits.as_dict()
             result.memory_limit_bytes = ctx.limits.memory_bytes
-            try:
-                outcome = self._run_once(
-                    ctx, lambda lease: self.sandbox.run(lease, plan, files, stdin, ctx.limits)
-                )
-            except InternalError as exc:
-                failures += 1
-                log.warning("attempt %d failed: %s", ctx.attempt, exc)
-                if failures == MAX_FAILURES:
-                    raise InternalError(f"execution failed twice: {exc}") from exc
-                self._wait_for_docker()
-                ctx.attempt += 1
-                continue
+            outcome = self._leased(
+                ctx, lambda lease: self.sandbox.run(lease, plan, files, stdin, ctx.limits)
+            )
             retry = self.hooks.emit_retry(ctx, outcome) if ctx.attempt < MAX_ATTEMPTS else None
             if retry is None:
                 _fill(result, outcome)
@@ -192,22 +181,28 @@ class Runner:
     ) -> None:
         """All cases in one lease (execution/batch.py); one retry on a fresh container."""
         ctx.result.limits = ctx.limits.as_dict() if ctx.limits else {}
-        for failures in range(1, MAX_FAILURES + 1):
+        batch = self._leased(
+            ctx, lambda lease: run_cases(self.settings, self.sandbox, lease, plan, files, cases)
+        )
+        fill_batch(self.settings, ctx.result, cases, batch)
+
+    def _leased(self, ctx: RunContext, body: Callable[[Lease], T]) -> T:
+        """``body`` in a leased container; our own failure is retried on a fresh one.
+
+        ``ctx.failures`` counts across the whole request (middleware retries included):
+        the second failure of ours ends it as ``internal_error``.
+        """
+        while True:
             ctx.result.attempts = ctx.attempt
             try:
-                batch = self._run_once(
-                    ctx,
-                    lambda lease: run_cases(self.settings, self.sandbox, lease, plan, files, cases),
-                )
+                return self._run_once(ctx, body)
             except InternalError as exc:
-                log.warning("batch attempt %d failed: %s", ctx.attempt, exc)
-                if failures == MAX_FAILURES:
+                ctx.failures += 1
+                log.warning("attempt %d failed: %s", ctx.attempt, exc)
+                if ctx.failures == MAX_FAILURES:
                     raise InternalError(f"execution failed twice: {exc}") from exc
                 self._wait_for_docker()
                 ctx.attempt += 1
-                continue
-            fill_batch(self.settings, ctx.result, cases, batch)
-            return
 
     def _run_once(self, ctx: RunContext, body: Callable[[Lease], T]) -> T:
         assert ctx.runtime is not None and ctx.limits is not None

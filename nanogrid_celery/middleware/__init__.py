@@ -49,6 +49,7 @@ class RunContext:
     explicit_memory: bool = False
     tuned: bool = False
     attempt: int = 1
+    failures: int = 0  # our own failures so far (the runner allows one retry)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

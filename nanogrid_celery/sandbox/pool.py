@@ -185,15 +185,7 @@ class WarmPool:
                 break
             if awake:  # released within the grace period: still running, no unpause
                 return self._hand_out(lease, "warm", "acquired running container")
-            try:
-                lease.container.unpause()
-            except (APIError, NotFound) as exc:
-                log.warning(
-                    "unpause failed; replacing container",
-                    container=lease.short_id,
-                    error=str(exc),
-                )
-                self._replace(lease)
+            if not self._or_replace(lease, "unpause", lease.container.unpause):
                 continue
             return self._hand_out(lease, "warm", "acquired and unpaused container")
         lease = create_container(self.settings, self.client, self.executor, runtime)
@@ -264,15 +256,7 @@ class WarmPool:
         if self.settings.pause_grace_ms > 0:
             self._release_awake(lease)
             return
-        try:
-            lease.container.pause()
-        except (APIError, NotFound) as exc:
-            log.warning(
-                "pause failed; replacing container",
-                container=lease.short_id,
-                error=str(exc),
-            )
-            self._replace(lease)
+        if not self._or_replace(lease, "pause", lease.container.pause):
             return
         with self._lock:
             self._idle[lease.runtime].append(lease)
@@ -351,6 +335,18 @@ class WarmPool:
         with self._lock:
             self._busy.pop(lease.id, None)
         self._replace(lease)
+
+    def _or_replace(self, lease: Lease, what: str, step: Callable[[], object]) -> bool:
+        """Run a Docker step on ``lease``; if Docker refuses, replace the container: False."""
+        try:
+            step()
+            return True
+        except (APIError, NotFound) as exc:
+            log.warning(
+                f"{what} failed; replacing container", container=lease.short_id, error=str(exc)
+            )
+            self._replace(lease)
+            return False
 
     def _replace(self, lease: Lease) -> None:
         self._bg_destroy(lease)
