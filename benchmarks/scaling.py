@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     _configure_environment()
+    from .services import PrivateMoto
+
+    moto = PrivateMoto(REPO / ".run").start()  # first: the client's app reads the broker URL
     from nanogrid_celery import client
     from tests.integration.harness import WorkerProcess
 
-    from .services import PrivateMoto
-
-    moto = PrivateMoto(REPO / ".run").start()
     data: dict = {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}}
     print(machine_line(data["machine"]))
     threaded = WorkerProcess(
