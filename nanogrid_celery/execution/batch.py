@@ -157,13 +157,14 @@ def run_cases(
         batch = BatchOutcome(
             compile_ms=built.compile_ms, compile_cached=built.cached if plan.compile else None
         )
+        last = len(cases) - 1
         for i, case in enumerate(cases):
-            if i:
-                sandbox.clean(lease)  # the verified reset; SandboxDirty: the pool discards it
+            if i:  # the verified reset; SandboxDirty: the pool discards the container
+                sandbox.clean(lease, between_cases=True)
                 sandbox.stage(lease, files, case.stdin, case.limits)
                 if built.binary is not None and plan.binary:
                     place_binary(lease.root_view, plan.binary, built.binary)
-            batch.outcomes.append(sandbox.run_step(lease, plan, case.limits))
+            batch.outcomes.append(sandbox.run_step(lease, plan, case.limits, prepare_next=i < last))
         return batch
 
 

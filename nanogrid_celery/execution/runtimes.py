@@ -29,6 +29,11 @@ class Plan:
 
 
 CPP_BINARY = "/tmp/.nanogrid-main"
+#: ``-static``: an exec of a statically linked hello world takes 1.5 ms against 3.1 ms
+#: dynamically linked (ld.so, libstdc++, libm, libgcc_s; measured in the cpp image, same
+#: machine): every run and every case of a batch pays it; compile time is unchanged
+#: (0.58 vs 0.64 s). Judges link statically for the same reason.
+CPP_COMPILE = ["g++", "-O2", "-std=c++17", "-static", "-o", CPP_BINARY, "main.cpp"]
 
 
 def plan_for(runtime: str, files: set[str]) -> Plan:
@@ -42,7 +47,7 @@ def plan_for(runtime: str, files: set[str]) -> Plan:
     if "main.cpp" not in files:
         raise RunRejected("cpp submission has neither run.sh nor main.cpp")
     return Plan(
-        compile=["g++", "-O2", "-std=c++17", "-o", CPP_BINARY, "main.cpp"],
+        compile=list(CPP_COMPILE),
         run=[CPP_BINARY],
         binary=CPP_BINARY,
     )

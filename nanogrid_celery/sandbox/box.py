@@ -137,8 +137,14 @@ class Sandbox:
             failure.compile_cached = False
         return failure, res.duration_ms
 
-    def run_step(self, lease: Lease, plan: Plan, limits: RunLimits) -> Outcome:
-        """The program itself under ``limits``: classify, peak memory, CPU time."""
+    def run_step(
+        self, lease: Lease, plan: Plan, limits: RunLimits, prepare_next: bool = False
+    ) -> Outcome:
+        """The program itself under ``limits``: classify, peak memory, CPU time.
+
+        ``prepare_next``: another case of the same batch follows; the agent forks its
+        process while the host resets (kept by :meth:`clean` with ``between_cases``).
+        """
         cg = lease.cgroup
         cg.set_memory_limit(limits.memory_bytes)
         cg.set_pids_limit(limits.pids)
@@ -153,6 +159,7 @@ class Sandbox:
             limits.stderr_max_bytes,
             True,
             env=plan.env or None,
+            prepare_next=prepare_next,
             rlimits=rlimits(limits.memory_bytes),
         )
         res = self.executor.start(lease, step)
@@ -169,7 +176,13 @@ class Sandbox:
         lease.to(LeaseState.RESETTING)
         self.clean(lease)
 
-    def clean(self, lease: Lease) -> None:
-        """The reset without a state change: also between two cases of a batch."""
-        reset_container(self.settings, lease)
-        self.executor.after_reset(lease)
+    def clean(self, lease: Lease, between_cases: bool = False) -> None:
+        """The reset without a state change: also between two cases of a batch.
+
+        ``between_cases``: the agent's handler and the spare it forked for the next case
+        (``run_step(prepare_next=True)``) survive the sweep; nothing else does.
+        """
+        keep_agent = between_cases and self.executor.keeps_spares
+        reset_container(self.settings, lease, keep_agent=keep_agent)
+        if not keep_agent:
+            self.executor.after_reset(lease)

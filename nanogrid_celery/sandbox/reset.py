@@ -11,6 +11,17 @@ tenant), and restores the default limits. Then it checks: no process left,
 init and keeper alive, every wiped directory empty, no IPC object. Anything it
 cannot verify - and any exception at all - raises :class:`SandboxDirty`, and
 the pool destroys the container instead of reusing it.
+
+Between two cases of one batch the agent's handler stays and keeps the next
+case's spare process (forked while the host resets, instead of ~2.6 ms of
+two forks after it: measured in a 100-case batch, agent round trip 6.3 ->
+3.7 ms). So ``keep_agent`` spares exactly those: processes whose real,
+effective, saved and filesystem uids are all 0 and whose parent is the keeper
+(a handler) or such a handler (its spare). No program can be one: programs
+run as the sandbox user, with every capability dropped and
+``no-new-privileges`` (no setuid binary can make them root). A handler
+holds the previous case's request and header in its memory (never its
+output or stdin): the same submission's, which is why only a batch keeps it.
 """
 
 from __future__ import annotations
@@ -25,24 +36,30 @@ from nanogrid_celery.sandbox.wipe import empty_dir
 SCRATCH_DIRS = tuple(SHARES)  # every writable mount: sandbox (cwd + stdin), tmp, dev/shm
 
 
-def reset_container(settings: Settings, lease: Lease) -> None:
-    """Kill leftovers, wipe scratch and code, restore limits; raise SandboxDirty if unsure."""
+def reset_container(settings: Settings, lease: Lease, keep_agent: bool = False) -> None:
+    """Kill leftovers, wipe scratch and code, restore limits; raise SandboxDirty if unsure.
+
+    ``keep_agent``: between two cases of a batch, the agent's handler and spare stay.
+    """
     cg = lease.cgroup
     try:
-        cg.kill_all_except(lease.keep_pids)
-        left = cg.procs() - lease.keep_pids
+        keep = lease.keep_pids | agent_helpers(lease) if keep_agent else lease.keep_pids
+        cg.kill_all_except(keep)
+        procs = cg.procs()
+        left = procs - keep
         if left:
             raise SandboxDirty(f"processes survived the kill: {sorted(left)}")
-        if not lease.keep_pids <= cg.procs():
+        if not lease.keep_pids <= procs:
             raise SandboxDirty("the container's init or keeper died")
         for rel in SCRATCH_DIRS:
             empty_dir(lease.root_view / rel)
         if lease.ipc_maybe:
             lease.in_namespaces(None, sweep_ipc=True)  # verifies, or raises
             lease.ipc_maybe = False
-        lim = settings.limits
-        cg.set_memory_limit(lim.default_memory_mb * MB)
-        cg.set_pids_limit(lim.pids)
+        if not keep_agent:  # a batch's next case sets its own limits right away
+            lim = settings.limits
+            cg.set_memory_limit(lim.default_memory_mb * MB)
+            cg.set_pids_limit(lim.pids)
         for rel in SCRATCH_DIRS:
             if any((lease.root_view / rel).iterdir()):
                 raise SandboxDirty(f"/{rel} is not empty after the wipe")
@@ -50,6 +67,34 @@ def reset_container(settings: Settings, lease: Lease) -> None:
         raise
     except Exception as exc:  # anything unforeseen: never reuse the container
         raise SandboxDirty(f"reset failed: {type(exc).__name__}: {exc}") from exc
+
+
+def agent_helpers(lease: Lease) -> set[int]:
+    """The agent's own root processes: its handler and the handler's spare (see module doc)."""
+    keeper = lease.keep_pids - {lease.init_pid}
+    parents: dict[int, int] = {}
+    for pid in lease.cgroup.procs() - lease.keep_pids:
+        ppid = _root_parent(pid)
+        if ppid is not None:
+            parents[pid] = ppid
+    handlers = {pid for pid, ppid in parents.items() if ppid in keeper}
+    return handlers | {pid for pid, ppid in parents.items() if ppid in handlers}
+
+
+def _root_parent(pid: int) -> int | None:
+    """``pid``'s parent if every uid of ``pid`` is 0, else None (also when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    ppid = uids = None
+    for line in text.splitlines():
+        if line.startswith(b"PPid:"):
+            ppid = int(line.split()[1])
+        elif line.startswith(b"Uid:"):
+            uids = line.split()[1:]
+    return ppid if uids and all(u == b"0" for u in uids) else None
 
 
 def container_alive(lease: Lease) -> bool:

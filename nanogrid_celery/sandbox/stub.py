@@ -99,6 +99,7 @@ class StubExecutor:
     """Answers every step with ``behaviour(lease, step)`` (default: exit 0, "ok")."""
 
     name = "stub"
+    keeps_spares = False
 
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.behaviour = behaviour or (lambda lease, step: ok())

@@ -188,6 +188,25 @@ def test_python_batch_of_100_cases_each_with_fresh_scratch(judge):
     assert result.summary == {"accepted": 100, "cases": 100, "success": 100}, result.summary
 
 
+def test_no_case_sees_a_process_an_earlier_case_left_running(judge):
+    """Plant and check in one lease: each case starts a detached sleeper, then the next case
+    counts the sandbox user's other processes. The agent's handler and the next case's
+    spare (root) survive between cases; nothing of the program's does."""
+    code = {
+        "main.py": (
+            "import os, subprocess\n"
+            "me = os.getuid()\n"
+            "mine = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()\n"
+            "        and os.stat('/proc/' + p).st_uid == me]\n"
+            "print(len(mine))\n"
+            "subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        )
+    }
+    result = judge.run(code, cases=[{"expected_stdout": "0"}] * 6)
+    assert result.status == Status.SUCCESS, result
+    assert result.summary == {"accepted": 6, "cases": 6, "success": 6}, result.cases
+
+
 def test_large_stdin_travels_through_s3(judge):
     code = {"main.py": "import sys\nprint(len(sys.stdin.buffer.read()))"}
     two_mb = judge.run(code, stdin="x" * (2 << 20))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
+from nanogrid_celery.common.units import MB
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import SandboxDirty
 from nanogrid_celery.sandbox import reset as reset_module
@@ -91,3 +95,44 @@ def test_a_reset_that_raises_anything_destroys_the_container(monkeypatch):
         assert len(created) == 2, "the discarded container was replaced"
     finally:
         pool.shutdown()
+
+
+def _spawn(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(list(argv), **kwargs)
+
+
+def test_between_cases_only_the_agents_root_handler_and_spare_are_kept(lease):
+    """Real processes: keeper = this test; handler = its root child; spare = the handler's.
+
+    A root process that is not the keeper's child, and a child of the keeper that is not
+    root (a program), are not the agent's: the reset must not keep them.
+    """
+    # handler (root, child of the keeper) with a spare (root, child of the handler)
+    script = "import subprocess, time\np = subprocess.Popen(['sleep', '30'])\n"
+    script += "print(p.pid, flush=True)\ntime.sleep(30)"
+    handler = _spawn(sys.executable, "-c", script, stdout=subprocess.PIPE)
+    spare = int(handler.stdout.readline())
+    program = _spawn("sleep", "30", user=65534, group=65534)  # the keeper's child, not root
+    stranger = _spawn("sh", "-c", "sleep 30 & echo $!; wait", stdout=subprocess.PIPE)
+    orphan_like = int(stranger.stdout.readline())  # root, but its parent is not the keeper
+    try:
+        lease.keep_pids = {lease.init_pid, os.getpid()}
+        procs = {lease.init_pid, os.getpid(), handler.pid, spare, program.pid, orphan_like}
+        lease.cgroup.procs = lambda: procs  # type: ignore[method-assign]
+        assert reset_module.agent_helpers(lease) == {handler.pid, spare}
+    finally:
+        for proc in (handler, program, stranger):
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spare, 9)
+            os.kill(orphan_like, 9)
+
+
+def test_a_batch_reset_keeps_the_limits_for_the_next_case_to_set(lease):
+    sets = []
+    lease.cgroup.set_memory_limit = lambda n: sets.append(n)  # type: ignore[method-assign]
+    reset_container(Settings(), lease, keep_agent=True)
+    assert sets == []
+    reset_container(Settings(), lease)
+    assert sets == [Settings().limits.default_memory_mb * MB]

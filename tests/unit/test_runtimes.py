@@ -27,7 +27,7 @@ def test_python_plan():
 
 def test_cpp_plans():
     plan = plan_for("cpp", {"main.cpp"})
-    assert plan.compile == ["g++", "-O2", "-std=c++17", "-o", CPP_BINARY, "main.cpp"]
+    assert plan.compile == ["g++", "-O2", "-std=c++17", "-static", "-o", CPP_BINARY, "main.cpp"]
     assert plan.run == [CPP_BINARY]
     assert plan_for("cpp", {"run.sh", "main.cpp"}).run == ["bash", "run.sh"]
     assert plan_for("cpp", {"run.sh", "main.cpp"}).compile is None

@@ -48,6 +48,9 @@ class Executor(Protocol):
     """Starts processes in leased containers; see the module doc."""
 
     name: str
+    #: a step with ``prepare_next`` leaves root-owned helpers (the agent's handler and
+    #: spare) that a batch's reset between cases keeps (``sandbox/reset.py``)
+    keeps_spares: bool
 
     def container_options(self, host_dir: Path) -> dict[str, Any]:
         """Extra ``containers.run`` arguments (command, volumes, capabilities)."""

@@ -90,6 +90,7 @@ class AgentExecutor:
     """Starts processes through the lease's agent."""
 
     name = "agent"
+    keeps_spares = True
 
     def __init__(self, settings: Settings, client: docker.DockerClient) -> None:
         self.settings = settings

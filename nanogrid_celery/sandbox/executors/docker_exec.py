@@ -50,6 +50,7 @@ class DockerExecExecutor:
     """Starts each process with ``docker exec`` as the sandbox user."""
 
     name = "exec"
+    keeps_spares = False
 
     def __init__(self, settings: Settings, client: docker.DockerClient) -> None:
         self.settings = settings

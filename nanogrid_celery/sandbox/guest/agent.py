@@ -160,8 +160,11 @@ class Agent:
     pages a Python run writes first) cost ~2-3 ms here, so they are done between
     runs: ``{"op": "prepare"}`` (sent by the host after its reset, so the reset
     never sees a half-made process) or ``"prepare_next": true`` on a run that
-    another step follows (compile, then run). The spare waits as root for its
-    request on a pipe; a run without a spare forks on demand.
+    another step follows (compile, then run; one case of a batch, then the
+    next). For ``prepare_next`` the spare is forked *before* the reply, so the
+    host's reset between two cases (which keeps this handler and its spare)
+    finds it already there, never appearing mid-sweep. The spare waits as root
+    for its request on a pipe; a run without a spare forks on demand.
     """
 
     def __init__(self, kill_scope: str, buffers: Buffers) -> None:
@@ -195,10 +198,15 @@ class Agent:
         child = self.take_spare(req)
         header, out, err = run(req, self.kill_scope, self.buffers, child)
         header["stdout_len"], header["stderr_len"] = len(out), len(err)
+        prepare_next = bool(req.get("prepare_next"))
+        if prepare_next and header.get("ok") and not header.get("dirty"):
+            # before the reply: the host's reset between two steps finds the spare already
+            # there (a spare forked after it could appear mid-sweep and fail the check)
+            self.prepare()
+            header["spare"] = True
         conn.settimeout(30)
         _send_vectored(conn, [json.dumps(header).encode() + b"\n", out, err])
-        self.want_spare = bool(req.get("prepare_next"))
-        if not self.want_spare and self.exit_after_run:
+        if self.spare is None and self.exit_after_run:
             os._exit(0)  # at once: the host's reset should not find this handler still alive
 
     def prepare(self) -> None:
