@@ -28,6 +28,7 @@ broker_transport_options = {
     "polling_interval": 0,
     "visibility_timeout": _s.visibility_timeout,
     "prompt_receive": _s.sqs_prompt_receive,
+    "async_ack": _s.sqs_async_ack,
     "requeue_delay_seconds": _s.sqs_requeue_delay_s,
 }
 broker_connection_retry_on_startup = True

@@ -67,6 +67,7 @@ class Settings:
     sqs_wait_seconds: int = 20
     # issue 17 (sqs_transport.py): receive as soon as a slot frees; false = kombu's own loop
     sqs_prompt_receive: bool = True
+    sqs_async_ack: bool = True  # the ack frees the slot; DeleteMessage follows (async_ack.py)
     sqs_requeue_delay_s: int = 0  # a requeued message (its pool child died) is visible again
     queue: str = "nanogrid-runs"
     visibility_timeout: int = 600

@@ -54,6 +54,19 @@ if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
 return 0
 """
+# the common case in one round trip (it was four: GET result, SET NX, INCR + EXPIRE, GET
+# result; 2.2 ms p50 of a 21 ms task on a -c 1 worker with 2 clients, a qemu VM running):
+# {1, result} / {2, starts} (claimed) / {3, holder} (held; holder absent if it just went)
+_CLAIM = """
+local done = redis.call('GET', KEYS[1])
+if done then return {1, done} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local n = redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  return {2, n}
+end
+return {3, redis.call('GET', KEYS[2])}
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -178,16 +191,17 @@ class ClaimStore:
 
     def _acquire(self, request_id: str) -> Verdict:
         key = CLAIM.format(request_id)
+        keys = (RESULT.format(request_id), key, STARTS.format(request_id))
         for _ in range(5):
-            done = self.stored_result(request_id)
-            if done is not None:
-                return Verdict("done", result=done)
             owner = owner_id()
-            if self.redis.set(key, owner, nx=True, px=self.ttl_ms):
-                return self._claimed(request_id, owner)
-            holder = self.redis.get(key)
+            state, *rest = self.redis.eval(_CLAIM, 3, *keys, owner, self.ttl_ms, self.result_ttl)
+            if state == 1:
+                return Verdict("done", result=json.loads(rest[0]))
+            if state == 2:  # atomic: no result can have appeared meanwhile
+                return Verdict("run", claim=Claim(self, request_id, owner, int(rest[0])))
+            holder = rest[0] if rest else None
             if holder is None:
-                continue  # released between our two calls: look again
+                continue  # released between the SET NX and the GET: look again
             holder = holder.decode() if isinstance(holder, bytes) else holder
             if owner_alive(holder):
                 return Verdict("busy", holder=holder)

@@ -11,7 +11,9 @@ Here a failed poll is logged and retried with a capped backoff instead, so
 the worker picks up work again as soon as SQS is back.
 
 A slot freed by an ack or a requeue takes the next message at once instead
-of ~1 s later: see :mod:`nanogrid_celery.delivery.prompt_receive` (issue 17).
+of ~1 s later: see :mod:`nanogrid_celery.delivery.prompt_receive` (issue 17);
+and the ack frees the slot before SQS's DeleteMessage is sent, which follows on
+a background thread (:mod:`nanogrid_celery.delivery.async_ack`).
 
 A requeued message - its pool child was SIGKILLed mid-run
 (``task_reject_on_worker_lost``), or the task raised ``Reject(requeue=True)``
@@ -36,6 +38,7 @@ from kombu.transport import SQS
 from vine import promise, transform
 
 from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.delivery.async_ack import AsyncAck
 from nanogrid_celery.delivery.prompt_receive import PromptReceive
 
 log = get_logger(__name__)
@@ -43,7 +46,7 @@ log = get_logger(__name__)
 _QUEUE_GONE = ("NonExistentQueue", "QueueDoesNotExist")
 
 
-class Channel(PromptReceive, SQS.Channel):
+class Channel(PromptReceive, AsyncAck, SQS.Channel):
     #: longest pause between two polls of an unreachable queue, seconds
     max_poll_backoff = 5.0
 
