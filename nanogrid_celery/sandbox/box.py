@@ -27,7 +27,7 @@ from nanogrid_celery.sandbox.executors import Executor, Step
 from nanogrid_celery.sandbox.lease import Lease, LeaseState
 from nanogrid_celery.sandbox.limits import RunLimits
 from nanogrid_celery.sandbox.outcome import Outcome, classify, compile_failure
-from nanogrid_celery.sandbox.reset import reset_container
+from nanogrid_celery.sandbox.reset import Placed, reset_container
 from nanogrid_celery.sandbox.scratch import rlimits, scratch_sizes
 from nanogrid_celery.sandbox.staging import write_files
 
@@ -176,13 +176,17 @@ class Sandbox:
         lease.to(LeaseState.RESETTING)
         self.clean(lease)
 
-    def clean(self, lease: Lease, between_cases: bool = False) -> None:
+    def clean(
+        self, lease: Lease, between_cases: bool = False, keep_file: Placed | None = None
+    ) -> bool:
         """The reset without a state change: also between two cases of a batch.
 
         ``between_cases``: the agent's handler and the spare it forked for the next case
         (``run_step(prepare_next=True)``) survive the sweep; nothing else does.
+        ``keep_file``: see :func:`~nanogrid_celery.sandbox.reset.reset_container`.
         """
         keep_agent = between_cases and self.executor.keeps_spares
-        reset_container(self.settings, lease, keep_agent=keep_agent)
+        kept = reset_container(self.settings, lease, keep_agent=keep_agent, keep_file=keep_file)
         if not keep_agent:
             self.executor.after_reset(lease)
+        return kept

@@ -26,6 +26,11 @@ output or stdin): the same submission's, which is why only a batch keeps it.
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
 from nanogrid_celery.common.units import MB
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import SandboxDirty
@@ -36,10 +41,14 @@ from nanogrid_celery.sandbox.wipe import empty_dir
 SCRATCH_DIRS = tuple(SHARES)  # every writable mount: sandbox (cwd + stdin), tmp, dev/shm
 
 
-def reset_container(settings: Settings, lease: Lease, keep_agent: bool = False) -> None:
+def reset_container(
+    settings: Settings, lease: Lease, keep_agent: bool = False, keep_file: Placed | None = None
+) -> bool:
     """Kill leftovers, wipe scratch and code, restore limits; raise SandboxDirty if unsure.
 
     ``keep_agent``: between two cases of a batch, the agent's handler and spare stay.
+    ``keep_file``: a file we placed (a batch's binary) stays if it is exactly as placed;
+    returns whether it did (else it was wiped with the rest and must be placed again).
     """
     cg = lease.cgroup
     try:
@@ -51,8 +60,13 @@ def reset_container(settings: Settings, lease: Lease, keep_agent: bool = False) 
             raise SandboxDirty(f"processes survived the kill: {sorted(left)}")
         if not lease.keep_pids <= procs:
             raise SandboxDirty("the container's init or keeper died")
+        kept = keep_file is not None and keep_file.unchanged(lease.root_view)
+        keep = {rel: frozenset() for rel in SCRATCH_DIRS}
+        if kept:
+            assert keep_file is not None
+            keep[keep_file.dir] = frozenset({keep_file.name})
         for rel in SCRATCH_DIRS:
-            empty_dir(lease.root_view / rel)
+            empty_dir(lease.root_view / rel, keep[rel])
         if lease.ipc_maybe:
             lease.in_namespaces(None, sweep_ipc=True)  # verifies, or raises
             lease.ipc_maybe = False
@@ -61,12 +75,50 @@ def reset_container(settings: Settings, lease: Lease, keep_agent: bool = False) 
             cg.set_memory_limit(lim.default_memory_mb * MB)
             cg.set_pids_limit(lim.pids)
         for rel in SCRATCH_DIRS:
-            if any((lease.root_view / rel).iterdir()):
+            if any(p.name not in keep[rel] for p in (lease.root_view / rel).iterdir()):
                 raise SandboxDirty(f"/{rel} is not empty after the wipe")
+        if kept and not keep_file.unchanged(lease.root_view):  # type: ignore[union-attr]
+            raise SandboxDirty(f"/{keep_file.dir}/{keep_file.name} changed during the reset")  # type: ignore[union-attr]
+        return kept
     except SandboxDirty:
         raise
     except Exception as exc:  # anything unforeseen: never reuse the container
         raise SandboxDirty(f"reset failed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A file the host placed in a scratch dir: root-owned, 0755, one link, this inode/size/mtime.
+
+    None of that can change without root: the sandbox user can neither write it (0755
+    root's), nor rename or delete it (``/tmp`` is sticky), nor link it
+    (``protected_hardlinks``), nor touch its times (not its owner).
+    """
+
+    dir: str  # one of SCRATCH_DIRS, e.g. "tmp"
+    name: str
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def at(cls, root: Path, path: str) -> Placed:
+        rel, _, name = path.strip("/").rpartition("/")
+        st = os.lstat(root / rel / name)
+        return cls(rel, name, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def unchanged(self, root: Path) -> bool:
+        try:
+            st = os.lstat(root / self.dir / self.name)
+        except OSError:
+            return False
+        return (
+            stat.S_ISREG(st.st_mode)
+            and stat.S_IMODE(st.st_mode) == 0o755
+            and st.st_uid == 0
+            and st.st_nlink == 1
+            and (st.st_ino, st.st_size, st.st_mtime_ns) == (self.ino, self.size, self.mtime_ns)
+        )
 
 
 def agent_helpers(lease: Lease) -> set[int]:

@@ -25,12 +25,15 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
 
 
-def empty_dir(path: Path | str) -> None:
-    """Remove everything inside ``path`` (which stays), without recursion or following links."""
+def empty_dir(path: Path | str, keep: frozenset[str] = frozenset()) -> None:
+    """Remove everything inside ``path`` (which stays), without recursion or following links.
+
+    ``keep``: top-level names the caller has verified and wants to stay (a batch's binary).
+    """
     top = os.open(path, _OPEN_DIR)
     try:
         while True:
-            names = os.listdir(top)
+            names = [n for n in os.listdir(top) if n not in keep]
             if not names:
                 return
             for name in names:

@@ -117,6 +117,18 @@ def test_a_program_replacing_its_own_binary_does_not_poison_the_cache(judge, wor
     assert second.compile_cached is True
 
 
+def test_no_case_can_change_the_binary_the_next_case_runs(judge):
+    """Each case tries to replace the binary (the first, compiled as the sandbox user, can);
+    the binary is kept between cases only while exactly as placed, so every case runs the
+    real build - first uncached, then from the cache."""
+    code = {"main.cpp": _unique(SELF_REPLACING_CPP)}
+    for cached in (False, True):
+        result = judge.run(code, "cpp", cases=[{"expected_stdout": "ran"}] * 4)
+        assert result.status == Status.SUCCESS, result
+        assert result.compile_cached is cached
+        assert result.summary == {"accepted": 4, "cases": 4, "success": 4}, result.cases
+
+
 def test_cpp_batch_with_mixed_verdicts_a_timeout_and_an_oom(judge):
     cases = [
         {"stdin": "2", "expected_stdout": "4"},

@@ -44,7 +44,7 @@ def test_a_5000_deep_tree_in_every_scratch_mount_is_wiped(lease):
 
 
 def test_any_exception_in_the_reset_is_sandbox_dirty(lease, monkeypatch):
-    def boom(path):
+    def boom(path, keep=frozenset()):
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(reset_module, "empty_dir", boom)
@@ -136,3 +136,29 @@ def test_a_batch_reset_keeps_the_limits_for_the_next_case_to_set(lease):
     assert sets == []
     reset_container(Settings(), lease)
     assert sets == [Settings().limits.default_memory_mb * MB]
+
+
+def _place(lease, mode=0o755):
+    path = lease.root_view / "tmp" / "bin"
+    path.write_bytes(b"\x7fELF binary")
+    path.chmod(mode)
+    return reset_module.Placed.at(lease.root_view, "/tmp/bin")
+
+
+def test_a_placed_binary_stays_through_a_batch_reset_only_while_unchanged(lease):
+    placed = _place(lease)
+    (lease.root_view / "tmp" / "left-behind").write_text("x")
+    assert reset_container(Settings(), lease, keep_agent=True, keep_file=placed) is True
+    assert sorted(os.listdir(lease.root_view / "tmp")) == ["bin"]
+    os.chmod(lease.root_view / "tmp" / "bin", 0o777)  # anything about it changed: wiped too
+    assert reset_container(Settings(), lease, keep_agent=True, keep_file=placed) is False
+    assert os.listdir(lease.root_view / "tmp") == []
+
+
+def test_a_replaced_binary_is_wiped_not_kept(lease):
+    placed = _place(lease)
+    os.unlink(lease.root_view / "tmp" / "bin")
+    (lease.root_view / "tmp" / "bin").write_bytes(b"\x7fELF other")  # a new inode, same name
+    os.chmod(lease.root_view / "tmp" / "bin", 0o755)
+    assert reset_container(Settings(), lease, keep_agent=True, keep_file=placed) is False
+    assert os.listdir(lease.root_view / "tmp") == []
