@@ -120,3 +120,26 @@ def test_idle_worker_makes_no_more_receives_than_kombus_loop() -> None:
     assert counts["true"] <= window_s / wait_s + 1, counts  # long polls, no busy loop
     assert counts["true"] <= counts["false"] + 1, counts  # and no more than kombu's loop
     assert counts["true"] >= 1, "an idle worker must keep polling"
+
+
+def test_every_delete_reaches_sqs_before_a_warm_shutdown_ends() -> None:
+    """The ack frees the slot before DeleteMessage is sent (delivery/async_ack.py); a SIGTERM
+    right after the last result must still send every delete (counted by a recording moto),
+    or each message would come back after its visibility timeout."""
+    moto = MotoServer(record=True).start()
+    w = WorkerProcess(
+        "acks", pool_python=1, pool_cpp=0, broker_url=moto.broker_url, s3_endpoint_url=moto.endpoint
+    )
+    c = IsolatedClient(broker_url=moto.broker_url, s3_endpoint_url=moto.endpoint)
+    runs = 12
+    try:
+        started(w)
+        ids = [c.submit(HELLO, w.queue) for _ in range(runs)]
+        assert all(c.wait(i, timeout=120).status == Status.SUCCESS for i in ids)
+        assert w.stop() == 0  # at once: deletes may still be queued in the worker
+        deletes = moto.sqs_calls("DeleteMessage", w.queue)
+    finally:
+        c.close()
+        w.stop()
+        moto.stop()
+    assert deletes == runs, f"{deletes} DeleteMessage calls for {runs} runs"
