@@ -119,6 +119,7 @@ class Sandbox:
         assert plan.compile
         cg = lease.cgroup
         lim = self.settings.limits
+        lease.run_limits = None
         cg.set_memory_limit(lim.compile_memory_mb * MB)
         ooms = cg.oom_kills()
         step = Step(
@@ -146,9 +147,12 @@ class Sandbox:
         process while the host resets (kept by :meth:`clean` with ``between_cases``).
         """
         cg = lease.cgroup
-        cg.set_memory_limit(limits.memory_bytes)
-        cg.set_pids_limit(limits.pids)
-        applied = cg.memory_limit()  # read back: what the kernel enforces, not what we asked
+        if lease.run_limits is None or lease.run_limits[:2] != (limits.memory_bytes, limits.pids):
+            cg.set_memory_limit(limits.memory_bytes)
+            cg.set_pids_limit(limits.pids)
+            applied = cg.memory_limit()  # read back: what the kernel enforces, not what we asked
+            lease.run_limits = (limits.memory_bytes, limits.pids, applied)
+        applied = lease.run_limits[2]
         cg.reset_peak()
         ooms = cg.oom_kills()
         cpu0 = cg.cpu_ns()
@@ -186,7 +190,9 @@ class Sandbox:
         ``keep_file``: see :func:`~nanogrid_celery.sandbox.reset.reset_container`.
         """
         keep_agent = between_cases and self.executor.keeps_spares
-        kept = reset_container(self.settings, lease, keep_agent=keep_agent, keep_file=keep_file)
+        kept = reset_container(
+            self.settings, lease, between_cases, keep_agent=keep_agent, keep_file=keep_file
+        )
         if not keep_agent:
             self.executor.after_reset(lease)
         return kept

@@ -65,6 +65,10 @@ class Lease:
     state: LeaseState = LeaseState.CREATED
     scratch_sizes: dict[str, int] = field(default_factory=dict)  # tmpfs sizes now mounted
     ipc_maybe: bool = True  # a run may have left IPC objects: the reset sweeps them
+    # (memory bytes, pids, memory limit read back) last written for a run step; None after
+    # anything else wrote the limits (a reset, a compile): a batch's cases under unchanged
+    # limits skip three cgroup writes and a read each
+    run_limits: tuple[int, int, int] | None = None
 
     def to(self, state: LeaseState) -> None:
         """Move to ``state``; anything may be discarded, other moves follow the diagram."""

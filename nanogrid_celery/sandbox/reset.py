@@ -42,10 +42,15 @@ SCRATCH_DIRS = tuple(SHARES)  # every writable mount: sandbox (cwd + stdin), tmp
 
 
 def reset_container(
-    settings: Settings, lease: Lease, keep_agent: bool = False, keep_file: Placed | None = None
+    settings: Settings,
+    lease: Lease,
+    between_cases: bool = False,
+    keep_agent: bool = False,
+    keep_file: Placed | None = None,
 ) -> bool:
     """Kill leftovers, wipe scratch and code, restore limits; raise SandboxDirty if unsure.
 
+    ``between_cases``: the limits stay (the next case of the batch sets its own).
     ``keep_agent``: between two cases of a batch, the agent's handler and spare stay.
     ``keep_file``: a file we placed (a batch's binary) stays if it is exactly as placed;
     returns whether it did (else it was wiped with the rest and must be placed again).
@@ -70,8 +75,9 @@ def reset_container(
         if lease.ipc_maybe:
             lease.in_namespaces(None, sweep_ipc=True)  # verifies, or raises
             lease.ipc_maybe = False
-        if not keep_agent:  # a batch's next case sets its own limits right away
+        if not between_cases:  # a batch's next case sets its own limits right away
             lim = settings.limits
+            lease.run_limits = None
             cg.set_memory_limit(lim.default_memory_mb * MB)
             cg.set_pids_limit(lim.pids)
         for rel in SCRATCH_DIRS:

@@ -238,3 +238,30 @@ def test_a_batch_is_never_memory_tuned(settings):
     result = runner.execute(_req(cases=[{"stdin": "a"}, {"stdin": "b", "memory_mb": 64}]))
     assert [c["limits"]["memory_mb"] for c in result.cases] == [256, 64]
     assert runner.execute(_req()).limits["memory_mb"] == 40  # a plain run still is
+
+
+def test_limits_are_written_only_when_a_case_changes_them(settings, monkeypatch):
+    """Each case runs under its own limits; unchanged ones are not written again."""
+    from nanogrid_celery.sandbox.stub import StubCgroup
+
+    writes: list[int] = []
+    original = StubCgroup.set_memory_limit
+
+    def counted(self, limit):
+        writes.append(limit)
+        original(self, limit)
+
+    monkeypatch.setattr(StubCgroup, "set_memory_limit", counted)
+    seen: list[int] = []
+
+    def program(lease, step):
+        seen.append(lease.cgroup.memory)
+        return ok(b"x")
+
+    runner, _ = _runner(settings, StubExecutor(program), {"main.py": b"print(1)"})
+    cases = [{}, {}, {"memory_mb": 64}, {"memory_mb": 64}, {}]
+    result = runner.execute(_req(cases=cases))
+    assert result.status == Status.SUCCESS, result
+    default = settings.limits.default_memory_mb << 20
+    assert seen == [default, default, 64 << 20, 64 << 20, default]
+    assert writes[:3] == [default, 64 << 20, default]  # then the release reset

@@ -132,7 +132,7 @@ def test_between_cases_only_the_agents_root_handler_and_spare_are_kept(lease):
 def test_a_batch_reset_keeps_the_limits_for_the_next_case_to_set(lease):
     sets = []
     lease.cgroup.set_memory_limit = lambda n: sets.append(n)  # type: ignore[method-assign]
-    reset_container(Settings(), lease, keep_agent=True)
+    reset_container(Settings(), lease, between_cases=True, keep_agent=True)
     assert sets == []
     reset_container(Settings(), lease)
     assert sets == [Settings().limits.default_memory_mb * MB]
