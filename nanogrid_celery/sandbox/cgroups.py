@@ -36,8 +36,9 @@ run (a *leaf*, ``C/nanogrid-run.<n>``):
 * The process sweep (:meth:`ContainerCgroup.kill_all_except`) moves the keepers to
   a new leaf and writes ``cgroup.kill`` (5.14+) in the old ones: one atomic kill
   that a fork bomb cannot outrun; any other non-keeper anywhere in the tree gets
-  SIGKILL too (without that, timed-out ``docker exec`` runs on Docker 26 kept their
-  exec stream open; which process escaped the old leaf was not pinned down). Without
+  SIGKILL too. A timed-out ``docker exec`` whose process runc had not yet placed in
+  the cgroup (a late start under TCG) escapes any single sweep: the exec executor
+  repeats the sweep until its stream closes (``executors/docker_exec.py``). Without
   ``cgroup.kill`` it falls back to the SIGKILL loop over ``cgroup.procs`` of v1.
 * On kernels without ``memory.peak`` (< 5.19) ``peak_memory_bytes`` is None.
 

@@ -7,6 +7,15 @@ stream has no timeout of its own (the client timeout does not apply to exec
 streams), so a reader thread pumps it and the deadline is enforced here: on
 expiry every process in the container's pids cgroup but init and the keeper
 is SIGKILLed, which also closes the stream.
+
+The kill repeats until the exec is over, not once: ``exec_start`` returns
+before runc has put the process in the container's cgroup, and under TCG
+emulation (our cgroup v2 VM, ~12x slower) that took longer than a 100 ms
+test timeout, so a single sweep found nothing to kill and the program ran on
+until the 5 s stream wait gave up (seen on the Debian 13 VM as a burnt
+container and a flaky timeout test). Sweeping every 50 ms until the stream
+closes catches a late start and a fork racing the sweep alike;
+``STOP_GRACE_S`` bounds it for a stream that never closes.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from nanogrid_celery.sandbox.paths import CODE_DIR, ENV, STDIN_PATH
 from nanogrid_celery.sandbox.reset import container_alive
 
 log = get_logger(__name__)
+
+STOP_GRACE_S = 15.0  # how long a timed-out exec may take to be over (TCG starts late)
+SWEEP_EVERY_S = 0.05
 
 
 def _shell(step: Step) -> str:
@@ -107,8 +119,7 @@ class DockerExecExecutor:
         timed_out = not done.wait(step.timeout_ms / 1000)
         if timed_out:
             ended_at[0] = time.perf_counter()
-            lease.cgroup.kill_all_except(lease.keep_pids)
-            if not done.wait(5):
+            if not _stop(lease, done):
                 with contextlib.suppress(Exception):
                     stream.close()
                 raise SandboxDirty("exec stream did not close after killing the process tree")
@@ -126,3 +137,14 @@ class DockerExecExecutor:
                 return info.get("ExitCode")
             time.sleep(0.005)
         return None
+
+
+def _stop(lease: Lease, done: threading.Event, grace_s: float = STOP_GRACE_S) -> bool:
+    """Kill the run's processes until its exec stream has closed; False if it never did."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        lease.cgroup.kill_all_except(lease.keep_pids)
+        if done.wait(SWEEP_EVERY_S):
+            return True
+        if time.monotonic() >= deadline:
+            return False
