@@ -34,7 +34,12 @@ Measured per case of a 100-case batch (in-process profile, 2 cores under a
 busy qemu VM): verified reset 0.3-0.5 ms, re-staging 0.1-0.2 ms, binary
 placement 0.07 ms, the agent's prepare notice 0.2-0.8 ms, the agent call
 ~1.5 ms beyond the program's own time; the program itself 2-3 ms (python
-zygote) or 3-4 ms (C++). Worker-side 5-8 ms per case under that load.
+zygote) or 3-4 ms (C++). Worker-side 5-8 ms per case under that load. On a
+quiet machine after the next case's spare is forked before the reply, the
+reset keeps the agent, its spare, the limits and the unchanged binary, and
+C++ links statically (benchmarks/RESULTS.md, 2026-12-02 13:39): python 3.44
+ms, C++ 3.63 ms per case, of which our own steps ~1.75 ms (before: 7.70 /
+9.04 ms on the same machine that morning).
 """
 
 from __future__ import annotations
