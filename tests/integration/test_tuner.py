@@ -119,10 +119,15 @@ def test_cpu_time_of_one_second_busy_loop(tw):
         # cpu_time_ms is all the CPU of the run, start-up included: ~5-20 ms on a real host,
         # 0.1-0.9 s under emulation (make test-cgroup2), where a loaded host's preemption
         # also counts as guest CPU. There the bound is the loop's second plus an empty
-        # program's run (measured now), with half of that again for the emulator's noise.
-        idle = tw.run({"main.py": "pass"}, function=fn("busy-base"))
-        limit = 1100 + 1.5 * idle.cpu_time_ms
-        assert r.cpu_time_ms <= limit, (r.cpu_time_ms, idle.cpu_time_ms)
+        # program's run (the larger of two, measured now), with half of that again for the
+        # emulator's noise, and never less than the 0.9 s start-up seen there: one start
+        # can differ from the next by that much (Debian 13 VM, exec: 1898 ms for the loop
+        # against a single empty run's 480 ms). Counting the loop twice still fails it.
+        idle = max(
+            tw.run({"main.py": "pass"}, function=fn("busy-base")).cpu_time_ms for _ in range(2)
+        )
+        limit = 1100 + max(900, 1.5 * idle)
+        assert r.cpu_time_ms <= limit, (r.cpu_time_ms, idle)
     assert r.cpu_usage_percent == pytest.approx(100 * r.cpu_time_ms / r.duration_ms, abs=0.1)
     assert 10 < r.cpu_usage_percent <= 110
 
