@@ -38,7 +38,19 @@ class ProcessIdentity:
         return self.host == socket.gethostname()
 
     def alive(self) -> bool:
-        """Whether this process still runs; only answerable for processes on this host."""
+        """Whether this process still runs; only answerable for processes on this host.
+
+        A zombie is dead: a SIGKILLed worker's child keeps its /proc entry (and start
+        time) until someone reaps it, which an orphan's new parent may do late.
+        """
         if self.pid <= 0 or not Path(f"/proc/{self.pid}").exists():
             return False
-        return process_start_time(self.pid) == self.start
+        return process_start_time(self.pid) == self.start and not _zombie(self.pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}
