@@ -1,8 +1,9 @@
 """Celery settings, derived from :mod:`nanogrid_celery.config` (override with NANOGRID_* vars).
 
 Delivery is at-least-once and safe: late acks, requeue when a worker dies,
-prefetch 1 so a slow run never holds a second message hostage, and an SQS
-visibility timeout longer than the longest allowed run.
+prefetch 1 so a slow run never holds a second message hostage (the look-ahead,
+nanogrid_celery/delivery/look_ahead.py, holds one briefly and only while runs are
+short), and an SQS visibility timeout longer than the longest allowed run.
 """
 
 import os
@@ -29,6 +30,9 @@ broker_transport_options = {
     "visibility_timeout": _s.visibility_timeout,
     "prompt_receive": _s.sqs_prompt_receive,
     "async_ack": _s.sqs_async_ack,
+    "look_ahead_hold_s": _s.sqs_look_ahead_hold_ms / 1000,
+    "look_ahead_visibility_s": _s.sqs_look_ahead_visibility_s,
+    "max_receives": _s.dlq_max_receives,  # the redrive policy (deadletter.py)
     "requeue_delay_seconds": _s.sqs_requeue_delay_s,
 }
 broker_connection_retry_on_startup = True

@@ -5,17 +5,19 @@
 (``python -m benchmarks.run``, i.e. ``make bench``, runs it too, after the modes.)
 
 A matrix of workers - ``-c 1`` and ``-c 2`` (prefork) and ``-P threads -c 8`` -
-each started twice in the same run: ``before`` with kombu's own poll loop
-(``NANOGRID_SQS_PROMPT_RECEIVE=false``, what the code did before issue 17) and
-``after`` with the prompt receive (the default; see
-nanogrid_celery/delivery/prompt_receive.py). Each serves python hello from 1, 2
-and 4 clients submitting back to back (``client.run``); per cell: runs/s,
-client latency p50 and ``queue_ms`` (SQS send -> task start) p50/p95.
+each started three times in the same run: ``before`` with kombu's own poll loop
+(``NANOGRID_SQS_PROMPT_RECEIVE=false``, what the code did before issue 17),
+``prompt`` with the prompt receive alone (nanogrid_celery/delivery/prompt_receive.py,
+``NANOGRID_SQS_LOOK_AHEAD_HOLD_MS=0``) and ``after`` with the look-ahead too (the
+default; nanogrid_celery/delivery/look_ahead.py). Each serves python hello from 1,
+2 and 4 clients submitting back to back (``client.run``); per cell: runs/s,
+client latency p50 and ``queue_ms`` (SQS send -> task start) p50/p95; per worker,
+the look-ahead messages it had to give back (from its log).
 
 Then the idle cost: the same six workers, idle together for a minute on a
 private moto that records every request (tests/integration/faults.py), and
-the ReceiveMessage calls each worker's queue got: long polling must stay one
-call per ``wait_time_seconds`` (20 s: 3 a minute).
+the ReceiveMessage calls each worker's queue got (``before`` and ``after``): long
+polling must stay one call per ``wait_time_seconds`` (20 s: 3 a minute).
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ CONFIGS: dict[str, tuple[str, int]] = {
     "-c 2": ("prefork", 2),
     "-P threads -c 8": ("threads", 8),
 }
-VARIANTS = {"before": "false", "after": "true"}  # -> NANOGRID_SQS_PROMPT_RECEIVE
+# variant -> (NANOGRID_SQS_PROMPT_RECEIVE, NANOGRID_SQS_LOOK_AHEAD_HOLD_MS; "" = the default)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "before": ("false", "0"),
+    "prompt": ("true", "0"),
+    "after": ("true", ""),
+}
+IDLE_VARIANTS = ("before", "after")
 CLIENTS = (1, 2, 4)
 RUNS = 60  # per cell
 IDLE_SECONDS = 60.0
@@ -57,10 +65,18 @@ def _name(what: str, pool: str, concurrency: int, variant: str) -> str:
     return f"{what}-{pool[0]}{concurrency}{variant[0]}"
 
 
-def _worker_env(pool: str, concurrency: int) -> dict[str, str | int]:
+def _worker_env(pool: str, concurrency: int, variant: str) -> dict[str, str | int]:
     # one warm python container per run that can be in flight at once (no cpp: not used)
     per_process = min(concurrency, max(CLIENTS)) if pool == "threads" else 1
-    return {"pool_python": per_process, "pool_cpp": 0}
+    prompt, hold = VARIANTS[variant]
+    env: dict[str, str | int] = {
+        "pool_python": per_process,
+        "pool_cpp": 0,
+        "sqs_prompt_receive": prompt,
+    }
+    if hold:
+        env["sqs_look_ahead_hold_ms"] = hold
+    return env
 
 
 def run_matrix(clients: Any, quick: bool, progress: Any = None) -> list[dict[str, Any]]:
@@ -74,15 +90,14 @@ def run_matrix(clients: Any, quick: bool, progress: Any = None) -> list[dict[str
     runs = 16 if quick else RUNS
     cells: list[dict[str, Any]] = []
     for label, (pool, concurrency) in CONFIGS.items():
-        for variant, prompt in VARIANTS.items():
+        for variant in VARIANTS:
             if progress:
                 progress(f"consume {label} {variant}")
             worker = WorkerProcess(
                 _name("mx", pool, concurrency, variant),
                 concurrency=concurrency,
                 pool=pool,
-                sqs_prompt_receive=prompt,
-                **_worker_env(pool, concurrency),
+                **_worker_env(pool, concurrency, variant),
             )
             worker.start(timeout=180)
             try:
@@ -90,16 +105,32 @@ def run_matrix(clients: Any, quick: bool, progress: Any = None) -> list[dict[str
                 for _ in range(3):
                     warm.run(scenario)
                 for n in CLIENTS:
+                    given_back = _given_back(worker)
                     result: ThroughputResult = clients.throughput(
                         f"{label} {variant}", worker.queue, scenario, n, runs
                     )
-                    cells.append({"config": label, "variant": variant, **result.as_dict()})
+                    cells.append(
+                        {
+                            "config": label,
+                            "variant": variant,
+                            **result.as_dict(),
+                            "given_back": _given_back(worker) - given_back,
+                        }
+                    )
             finally:
                 worker.stop()
                 for container in worker.containers():
                     with suppress(Exception):
                         container.remove(force=True)
     return cells
+
+
+def _given_back(worker: Any) -> int:
+    """Look-ahead messages the worker gave back so far (nanogrid_celery/delivery/look_ahead.py)."""
+    try:
+        return worker.log_path.read_text(errors="replace").count("look-ahead message given back")
+    except OSError:
+        return 0
 
 
 def run_idle(seconds: float) -> dict[str, dict[str, float]]:
@@ -112,15 +143,14 @@ def run_idle(seconds: float) -> dict[str, dict[str, float]]:
     client = IsolatedClient(broker_url=moto.broker_url, s3_endpoint_url=moto.endpoint)
     try:
         for label, (pool, concurrency) in CONFIGS.items():
-            for variant, prompt in VARIANTS.items():
+            for variant in IDLE_VARIANTS:
                 workers[(label, variant)] = WorkerProcess(
                     _name("idle", pool, concurrency, variant),
                     concurrency=concurrency,
                     pool=pool,
-                    sqs_prompt_receive=prompt,
                     broker_url=moto.broker_url,
                     s3_endpoint_url=moto.endpoint,
-                    **_worker_env(pool, concurrency),
+                    **_worker_env(pool, concurrency, variant),
                 )
         for worker in workers.values():
             worker.start(timeout=180)
@@ -211,6 +241,12 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 None if q50_4 is None else q50_4 <= 3 * per_run_ms,
             )
         )
+    prompt_2 = _cell(data, "-c 1", "prompt", 2)
+    if all(after) and prompt_2 and prompt_2["queue_ms"]["p50"]:
+        ratio = round(after[1]["queue_ms"]["p50"] / prompt_2["queue_ms"]["p50"], 2)
+        rows.append(
+            ("`-c 1`, 2 clients: queue_ms p50, look-ahead / prompt alone", ratio, "< 1", ratio < 1)
+        )
     ratios = []
     for n in CLIENTS:
         a, b = _cell(data, "-c 2", "after", n), _cell(data, "-c 2", "before", n)
@@ -226,6 +262,16 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 worst_ratio >= TARGET_C2_NOT_SLOWER,
             )
         )
+    given_back = sum(c.get("given_back", 0) for c in data["cells"])
+    runs = sum(c.get("runs", 0) for c in data["cells"] if c["variant"] == "after")
+    rows.append(
+        (
+            f"look-ahead messages given back, all `after` cells ({runs} runs)",
+            given_back,
+            "report",
+            None,
+        )
+    )
     idle = data.get("idle_receives_per_minute") or {}
     if idle:
         excess = max(v.get("after", 0) - v.get("before", 0) for v in idle.values())
@@ -252,6 +298,8 @@ def _cell_text(cell: dict[str, Any] | None) -> str:
         return "-"
     q = cell["queue_ms"]
     failed = f", {cell['failures']} failed" if cell["failures"] else ""
+    if cell.get("given_back"):
+        failed += f", {cell['given_back']} given back"
     return (
         f"{cell['runs_per_second']:.1f}/s, lat {_f(cell['latency_ms']['p50'])}, "
         f"q {_f(q['p50'])} / {_f(q['p95'])}{failed}"
@@ -263,9 +311,11 @@ def markdown_lines(data: dict[str, Any]) -> list[str]:
         "## Consumer: a freed slot takes the next message at once (issue 17)",
         "",
         "`python -m benchmarks.consume`: python hello, clients submitting back to back; each",
-        "worker twice in this run, `before` = kombu's own poll loop",
-        "(`NANOGRID_SQS_PROMPT_RECEIVE=false`), `after` = the prompt receive. A cell is",
-        "runs/s, client latency p50 (ms), queue_ms (SQS send -> task start) p50 / p95 (ms).",
+        "worker three times in this run, `before` = kombu's own poll loop",
+        "(`NANOGRID_SQS_PROMPT_RECEIVE=false`), `prompt` = the prompt receive alone",
+        "(`NANOGRID_SQS_LOOK_AHEAD_HOLD_MS=0`), `after` = with the look-ahead (the default).",
+        "A cell is runs/s, client latency p50 (ms), queue_ms (SQS send -> task start)",
+        "p50 / p95 (ms).",
         "",
         "| target | value | goal | met |",
         "| --- | ---: | --- | --- |",

@@ -68,6 +68,10 @@ class Settings:
     # issue 17 (sqs_transport.py): receive as soon as a slot frees; false = kombu's own loop
     sqs_prompt_receive: bool = True
     sqs_async_ack: bool = True  # the ack frees the slot; DeleteMessage follows (async_ack.py)
+    # while every slot is busy, receive the next message and hold it this long for the slot
+    # that frees first (look_ahead.py); 0 = off. Its receive hides it for the visibility below
+    sqs_look_ahead_hold_ms: int = 500
+    sqs_look_ahead_visibility_s: int = 30
     sqs_requeue_delay_s: int = 0  # a requeued message (its pool child died) is visible again
     queue: str = "nanogrid-runs"
     visibility_timeout: int = 600

@@ -52,10 +52,20 @@ class _Delete:
     queue_url: str
     receipt_handle: str
     request_id: str | None
+    #: None: DeleteMessage; else ChangeMessageVisibility to this many seconds (look_ahead.py)
+    visibility_s: int | None = None
+
+    @property
+    def what(self) -> str:
+        return "delete" if self.visibility_s is None else "visibility change"
 
 
 class Deleter:
-    """One daemon thread sending queued DeleteMessage calls, in order; see the module doc."""
+    """One daemon thread sending a channel's queued SQS calls in order; see the module doc.
+
+    Mostly deletes; the look-ahead (``look_ahead.py``) sends its visibility changes here
+    too, so neither ever blocks the worker's event loop.
+    """
 
     attempts = 3
     backoff_s = 0.2
@@ -75,6 +85,19 @@ class Deleter:
         with self._idle:
             self._pending += 1
         self._queue.put(_Delete(client, queue_url, receipt_handle, request_id))
+
+    def submit_visibility(
+        self,
+        client: Any,
+        queue_url: str,
+        receipt_handle: str,
+        seconds: int,
+        request_id: str | None = None,
+    ) -> None:
+        """ChangeMessageVisibility, in order with the deletes (0: give the message back)."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(_Delete(client, queue_url, receipt_handle, request_id, seconds))
 
     @property
     def pending(self) -> int:
@@ -113,14 +136,21 @@ class Deleter:
     def _delete(self, item: _Delete) -> None:
         for attempt in range(1, self.attempts + 1):
             try:
-                item.client.delete_message(
-                    QueueUrl=item.queue_url, ReceiptHandle=item.receipt_handle
-                )
+                if item.visibility_s is None:
+                    item.client.delete_message(
+                        QueueUrl=item.queue_url, ReceiptHandle=item.receipt_handle
+                    )
+                else:
+                    item.client.change_message_visibility(
+                        QueueUrl=item.queue_url,
+                        ReceiptHandle=item.receipt_handle,
+                        VisibilityTimeout=item.visibility_s,
+                    )
                 return
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in _STALE:  # received again meanwhile: that delivery acks itself
-                    log.info("SQS delete skipped: %s", code, request_id=item.request_id)
+                    log.info("SQS %s skipped: %s", item.what, code, request_id=item.request_id)
                     return
                 error: Exception = exc
             except (BotoCoreError, OSError) as exc:
@@ -129,6 +159,15 @@ class Deleter:
                 error = exc
             if attempt < self.attempts:
                 time.sleep(self.backoff_s * attempt)
+        if item.visibility_s is not None:
+            log.warning(
+                "SQS visibility change to %ss failed; the message keeps the visibility it "
+                "was received with: %s",
+                item.visibility_s,
+                error,
+                request_id=item.request_id,
+            )
+            return
         log.warning(
             "SQS delete failed; the message comes back after its visibility timeout and "
             "the idempotency claim keeps it from running twice: %s",

@@ -19,7 +19,9 @@ costs ~15 ms. After (benchmarks/RESULTS.md, consumer matrix, same run):
 23-39 ms (p50, tests) while a message waits instead of ~0.8 s; the rest is
 ReceiveMessage, DeleteMessage and the run itself, one after the other. With
 the delete moved off the loop (``async_ack.py``), on a quiet machine: 52.5 /
-56.4 / 55.1 runs/s, queue_ms p50 24.9 ms at 2 clients (one run ahead in line).
+56.4 / 55.1 runs/s, queue_ms p50 24.9 ms at 2 clients (one run ahead in line);
+the receive that still follows each run is taken off that path by the
+look-ahead (``look_ahead.py``).
 
 Here a poll with no free slot is *parked* instead of re-checking, and what
 frees a slot - an ack, a reject or requeue, a larger prefetch count -

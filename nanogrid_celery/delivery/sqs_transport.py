@@ -12,8 +12,10 @@ the worker picks up work again as soon as SQS is back.
 
 A slot freed by an ack or a requeue takes the next message at once instead
 of ~1 s later: see :mod:`nanogrid_celery.delivery.prompt_receive` (issue 17);
-and the ack frees the slot before SQS's DeleteMessage is sent, which follows on
-a background thread (:mod:`nanogrid_celery.delivery.async_ack`).
+the ack frees the slot before SQS's DeleteMessage is sent, which follows on
+a background thread (:mod:`nanogrid_celery.delivery.async_ack`); and while
+every slot is busy with short runs, the next message is received during the
+run and held for the slot (:mod:`nanogrid_celery.delivery.look_ahead`).
 
 A requeued message - its pool child was SIGKILLed mid-run
 (``task_reject_on_worker_lost``), or the task raised ``Reject(requeue=True)``
@@ -39,6 +41,7 @@ from vine import promise, transform
 
 from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.delivery.async_ack import AsyncAck
+from nanogrid_celery.delivery.look_ahead import LookAhead
 from nanogrid_celery.delivery.prompt_receive import PromptReceive
 
 log = get_logger(__name__)
@@ -46,7 +49,7 @@ log = get_logger(__name__)
 _QUEUE_GONE = ("NonExistentQueue", "QueueDoesNotExist")
 
 
-class Channel(PromptReceive, AsyncAck, SQS.Channel):
+class Channel(LookAhead, PromptReceive, AsyncAck, SQS.Channel):
     #: longest pause between two polls of an unreachable queue, seconds
     max_poll_backoff = 5.0
 

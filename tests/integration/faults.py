@@ -149,9 +149,13 @@ class MotoServer(Server):
 
     def sqs_calls(self, action: str, queue: str) -> int:
         """How many ``action`` calls (e.g. "ReceiveMessage") named the queue ``queue``."""
+        return len(self.sqs_requests(action, queue))
+
+    def sqs_requests(self, action: str, queue: str) -> list[str]:
+        """The request bodies of the ``action`` calls that named the queue ``queue``."""
         if not self.recording.exists():
-            return 0
-        count = 0
+            return []
+        bodies = []
         for line in self.recording.read_text().splitlines():
             entry = json.loads(line)
             body = entry.get("body") or ""
@@ -160,8 +164,8 @@ class MotoServer(Server):
             target = entry.get("headers", {}).get("X-Amz-Target", "")
             named = target == f"AmazonSQS.{action}" or f"Action={action}" in body
             if named and (f'/{queue}"' in body or f"%2F{queue}&" in body + "&"):
-                count += 1
-        return count
+                bodies.append(body)
+        return bodies
 
     def argv(self) -> list[str]:
         venv_bin = Path(sys.executable).parent / "moto_server"

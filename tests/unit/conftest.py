@@ -2,6 +2,7 @@
 
 import boto3
 import pytest
+from kombu.asynchronous import Hub
 from moto import mock_aws
 
 from nanogrid_celery.config import Settings
@@ -21,3 +22,11 @@ def s3(monkeypatch):
         yield settings
     storage._clients.clear()
     storage.CACHE.clear()
+
+
+@pytest.fixture
+def hub():
+    """A fresh kombu event loop (drive it with tests/unit/event_loop.spin)."""
+    hub = Hub()
+    yield hub
+    hub.close()

@@ -32,6 +32,14 @@ class FakeSQS:
             raise self.fail.pop(0)
         self.deleted.append(ReceiptHandle)
 
+    def change_message_visibility(
+        self, QueueUrl: str, ReceiptHandle: str, VisibilityTimeout: int
+    ) -> None:
+        self.calls += 1
+        if self.fail:
+            raise self.fail.pop(0)
+        self.deleted.append(f"{ReceiptHandle}:{VisibilityTimeout}")  # in order with the deletes
+
 
 def client_error(code: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": code}}, "DeleteMessage")
@@ -130,3 +138,16 @@ def test_async_ack_off_is_kombus_blocking_ack():
     channel.basic_ack(5)
     assert channel.blocking_acks == [5] and channel.acked == [] and sqs.calls == 0
     channel.close()
+
+
+def test_visibility_changes_go_out_in_order_with_the_deletes(monkeypatch):
+    """The look-ahead's give-backs and extensions (delivery/look_ahead.py) share the thread."""
+    monkeypatch.setattr(Deleter, "backoff_s", 0.01)
+    sqs = FakeSQS(fail=[EndpointConnectionError(endpoint_url="http://sqs")])
+    channel = Channel(sqs)
+    deleter = channel._deleter()
+    deleter.submit_visibility(sqs, "http://sqs/q", "rh-9", 0, "req-9")  # fails once: retried
+    channel.basic_ack(1)
+    deleter.submit_visibility(sqs, "http://sqs/q", "rh-8", 600)
+    channel.close()
+    assert sqs.deleted == ["rh-9:0", "rh-1", "rh-8:600"]

@@ -12,10 +12,11 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 from kombu.asynchronous import Hub
 
 from nanogrid_celery.delivery.prompt_receive import PromptReceive
+
+from .event_loop import spin
 
 
 class FakeSQSChannel:
@@ -58,21 +59,6 @@ class FakeSQSChannel:
 
 class Channel(PromptReceive, FakeSQSChannel):
     park_recheck_s = 5.0  # longer than any wait below: only an ack may resume the poll
-
-
-@pytest.fixture
-def hub():
-    hub = Hub()
-    yield hub
-    hub.close()
-
-
-def spin(hub: Hub, seconds: float, until: Any = None) -> None:
-    """Run the event loop's passes for up to ``seconds`` (or until ``until()``)."""
-    loop = hub.create_loop()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (until and until()):
-        next(loop)
 
 
 def started(hub: Hub, prompt: bool = True) -> Channel:
