@@ -14,13 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def process_start_time(pid: int) -> str:
-    """Start time of ``pid`` in clock ticks since boot; "" if there is no such process."""
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name ([0] state, [19] start)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+        return []
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> str:
+    """Start time of ``pid`` in clock ticks since boot; "" if there is no such process."""
+    fields = _stat(pid)
+    return fields[19] if fields else ""
 
 
 @dataclass(frozen=True)
@@ -43,14 +49,7 @@ class ProcessIdentity:
         A zombie is dead: a SIGKILLed worker's child keeps its /proc entry (and start
         time) until someone reaps it, which an orphan's new parent may do late.
         """
-        if self.pid <= 0 or not Path(f"/proc/{self.pid}").exists():
+        if self.pid <= 0:
             return False
-        return process_start_time(self.pid) == self.start and not _zombie(self.pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}
+        fields = _stat(self.pid)
+        return bool(fields) and fields[19] == self.start and fields[0] not in {"Z", "X"}
