@@ -82,9 +82,7 @@ class Deleter:
     def submit(
         self, client: Any, queue_url: str, receipt_handle: str, request_id: str | None
     ) -> None:
-        with self._idle:
-            self._pending += 1
-        self._queue.put(_Delete(client, queue_url, receipt_handle, request_id))
+        self._enqueue(_Delete(client, queue_url, receipt_handle, request_id))
 
     def submit_visibility(
         self,
@@ -95,9 +93,12 @@ class Deleter:
         request_id: str | None = None,
     ) -> None:
         """ChangeMessageVisibility, in order with the deletes (0: give the message back)."""
+        self._enqueue(_Delete(client, queue_url, receipt_handle, request_id, seconds))
+
+    def _enqueue(self, item: _Delete) -> None:
         with self._idle:
             self._pending += 1
-        self._queue.put(_Delete(client, queue_url, receipt_handle, request_id, seconds))
+        self._queue.put(item)
 
     @property
     def pending(self) -> int:
