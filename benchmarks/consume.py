@@ -128,7 +128,9 @@ def run_matrix(clients: Any, quick: bool, progress: Any = None) -> list[dict[str
 def _given_back(worker: Any) -> int:
     """Look-ahead messages the worker gave back so far (nanogrid_celery/delivery/look_ahead.py)."""
     try:
-        return worker.log_path.read_text(errors="replace").count("look-ahead message given back")
+        from nanogrid_celery.delivery.look_ahead import GIVEN_BACK
+
+        return worker.log_path.read_text(errors="replace").count(GIVEN_BACK)
     except OSError:
         return 0
 

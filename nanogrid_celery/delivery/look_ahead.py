@@ -76,13 +76,15 @@ from nanogrid_celery.common.logs import get_logger
 
 log = get_logger(__name__)
 
+#: logged once per message given back (counted by benchmarks/consume.py and the tests)
+GIVEN_BACK = "look-ahead message given back"
+
 
 @dataclass
 class _Held:
     queue: str
     q_url: str
     messages: dict[str, Any]
-    since: float
     timer: Any | None  # None: kept until a slot frees (too many receives to give it back)
 
 
@@ -95,7 +97,6 @@ class _State:
     periods: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     cooldown_s: float = 0.0
     cooldown_until: float = 0.0
-    handed_over: int = 0
     given_back: int = 0
 
 
@@ -196,7 +197,7 @@ class LookAhead:
         timer = None
         if not self._kept(msgs):
             timer = self.hub.call_later(self.look_ahead_hold_s, self._hold_expired)
-        st.held = _Held(queue, q_url, messages, time.monotonic(), timer)
+        st.held = _Held(queue, q_url, messages, timer)
 
     def _kept(self, msgs: list[dict[str, Any]]) -> bool:
         """Received too often to give back without risking the redrive policy (module doc)."""
@@ -219,21 +220,28 @@ class LookAhead:
             self.hub.call_later(0, self._deliver_held)
         super()._resume_parked()  # type: ignore[misc]
 
-    def _deliver_held(self) -> None:
+    def _take_held(self, queue: str | None = None) -> _Held | None:
+        """The held message (of ``queue``, if given), no longer held nor timed."""
         st = self._look_ahead_state()
         held = st.held
-        if held is None or not self.qos.can_consume():
-            return
+        if held is None or (queue is not None and held.queue != queue):
+            return None
         st.held = None
         if held.timer is not None:
             held.timer.cancel()
-        st.cooldown_s = 0.0
+        return held
+
+    def _deliver_held(self) -> None:
+        if not self.qos.can_consume():
+            return
+        held = self._take_held()
+        if held is None:
+            return
+        self._look_ahead_state().cooldown_s = 0.0
         self._hand_over(held.queue, held.q_url, held.messages)
 
     def _hand_over(self, queue: str, q_url: str, messages: dict[str, Any]) -> None:
         """Deliver as kombu's receive callback would, then go on with the poll chain."""
-        st = self._look_ahead_state()
-        st.handed_over += 1
         receipts = [msg["ReceiptHandle"] for msg in messages["Messages"]]
         # a short run is acked long before its look-ahead visibility runs out: only one still
         # running after a third of it is given the queue's timeout (no extra call per run)
@@ -277,14 +285,13 @@ class LookAhead:
 
     # -- giving a message back ---------------------------------------------------------------
     def _hold_expired(self) -> None:
-        st = self._look_ahead_state()
-        held = st.held
-        if held is None:
-            return
         if self.qos.can_consume():  # freed, and the hand-over not run yet
             self._deliver_held()
             return
-        st.held = None
+        held = self._take_held()
+        if held is None:
+            return
+        st = self._look_ahead_state()
         self._give_back(held.queue, held.q_url, held.messages, "hold expired")
         st.cooldown_s = min(self.max_cooldown_s, max(self.base_cooldown_s, 2 * st.cooldown_s))
         st.cooldown_until = time.monotonic() + st.cooldown_s
@@ -296,7 +303,7 @@ class LookAhead:
         for msg in messages.get("Messages") or []:
             st.given_back += 1
             request_id = self._request_id(msg)
-            log.info("look-ahead message given back: %s", why, queue=queue, request_id=request_id)
+            log.info(f"{GIVEN_BACK}: %s", why, queue=queue, request_id=request_id)
             self._deleter().submit_visibility(client, q_url, msg["ReceiptHandle"], 0, request_id)  # type: ignore[attr-defined]
 
     def _request_id(self, msg: dict[str, Any]) -> str | None:
@@ -306,13 +313,9 @@ class LookAhead:
         return None
 
     def _release_held(self, queue: str | None = None) -> None:
-        st = self._look_ahead_state()
-        held = st.held
-        if held is None or (queue is not None and held.queue != queue):
+        held = self._take_held(queue)
+        if held is None:
             return
-        st.held = None
-        if held.timer is not None:
-            held.timer.cancel()
         self._give_back(held.queue, held.q_url, held.messages, "consumer stopped")
 
     def basic_cancel(self, consumer_tag: str) -> Any:

@@ -19,6 +19,7 @@ import pytest
 
 from nanogrid_celery import client
 from nanogrid_celery.config import get_settings
+from nanogrid_celery.delivery.look_ahead import GIVEN_BACK
 from nanogrid_celery.delivery.sqs import queue_url, sqs_client
 from nanogrid_celery.result import Status
 
@@ -28,7 +29,6 @@ from .harness import WorkerProcess
 pytestmark = pytest.mark.integration
 
 HELLO = {"main.py": "print('hello')"}
-GIVEN_BACK = "look-ahead message given back"
 
 
 def look_aheads(moto: MotoServer, queue: str) -> int:
