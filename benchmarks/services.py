@@ -9,11 +9,9 @@ client processes find it through the NANOGRID_* variables set here.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,14 +35,12 @@ class PrivateMoto:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> PrivateMoto:
-        venv_bin = Path(sys.executable).parent / "moto_server"
-        binary = str(venv_bin) if venv_bin.exists() else shutil.which("moto_server")
-        if not binary:
-            raise RuntimeError("moto_server not found (pip install 'moto[server]')")
+        from tests.integration.faults import moto_command
+
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [binary, "-H", "127.0.0.1", "-p", str(self.port)],
+                [*moto_command(), "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -147,6 +147,9 @@ class Settings:
     # monitoring: Celery events + remote control over Redis (SQS has no fanout), so Flower
     # works with `--broker=<events_broker_url>`; "" turns both off
     events_broker_url: str = "redis://127.0.0.1:6379/1"
+    # task events are sent at most this long after they happen, together (monitoring/
+    # redis_events.py); 0 = on the next event-loop pass, as stock Celery does
+    events_flush_ms: int = 100
     # Prometheus endpoint served by the worker's main process; 0 = off
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"

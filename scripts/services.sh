@@ -18,9 +18,12 @@ read -r -a DOCKERD_ARGS <<<"${NANOGRID_DOCKERD_ARGS:-}"
 
 docker_ok() { timeout 10 docker info >/dev/null 2>&1; }
 
-moto_bin() {
+# The command that starts moto, one word per line: the project's launcher
+# (scripts/moto_server.py: moto minus its per-request access log and directory
+# scan) where the venv has moto, else a moto_server on PATH.
+moto_cmd() {
     if [[ -x "$VENV/bin/moto_server" ]]; then
-        printf '%s' "$VENV/bin/moto_server"
+        printf '%s\n' "$VENV/bin/python" "$REPO_ROOT/scripts/moto_server.py"
     elif have moto_server; then
         command -v moto_server
     else
@@ -117,11 +120,12 @@ moto_up() {
         fi
         return 0
     fi
-    local bin
-    bin="$(moto_bin)" || die "moto_server not found; run: bash scripts/bootstrap.sh"
+    local cmd
+    mapfile -t cmd < <(moto_cmd) || true
+    ((${#cmd[@]})) || die "moto_server not found; run: bash scripts/bootstrap.sh"
     log "starting moto server on $MOTO_HOST:$MOTO_PORT (log: $RUN_DIR/moto.log)"
     local pid
-    pid="$(start_bg moto "$RUN_DIR/moto.log" "$bin" -H "$MOTO_HOST" -p "$MOTO_PORT")"
+    pid="$(start_bg moto "$RUN_DIR/moto.log" "${cmd[@]}" -H "$MOTO_HOST" -p "$MOTO_PORT")"
     if ! wait_for_port "$MOTO_HOST" "$MOTO_PORT" 60 "$pid"; then
         err "moto server did not open $MOTO_HOST:$MOTO_PORT"
         show_tail "$RUN_DIR/moto.log"

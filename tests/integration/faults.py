@@ -126,6 +126,12 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+def moto_command() -> list[str]:
+    """The local stack's moto launcher (scripts/moto_server.py), as scripts/services.sh runs it."""
+    launcher = Path(__file__).resolve().parents[2] / "scripts" / "moto_server.py"
+    return [sys.executable, str(launcher)]
+
+
 class MotoServer(Server):
     """A private moto; with ``record=True`` it writes every request it gets to a file.
 
@@ -168,9 +174,7 @@ class MotoServer(Server):
         return bodies
 
     def argv(self) -> list[str]:
-        venv_bin = Path(sys.executable).parent / "moto_server"
-        binary = str(venv_bin) if venv_bin.exists() else shutil.which("moto_server") or "moto"
-        return [binary, "-H", "127.0.0.1", "-p", str(self.port)]
+        return [*moto_command(), "-H", "127.0.0.1", "-p", str(self.port)]
 
     @property
     def endpoint(self) -> str:

@@ -121,6 +121,74 @@ def test_worker_consumer_moves_control_to_redis_and_keeps_dead_letters():
     assert "celery.worker.consumer.events:Events" in steps
 
 
+class StockConsumer:
+    """What the mixin builds on in celery's Consumer: the next-pass flush and shutdown."""
+
+    def __init__(self, hub) -> None:
+        self.hub = hub
+        self.flushes = self.next_pass = 0
+        self.shut_down = False
+
+    def on_send_event_buffered(self) -> None:
+        self.next_pass += 1
+
+    def _flush_events(self) -> None:
+        self.flushes += 1
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class Coalescing(events_consumer.RedisEventsMixin, StockConsumer):
+    pass
+
+
+@pytest.fixture
+def flush_ms(monkeypatch):
+    from nanogrid_celery.config import get_settings
+
+    def set_ms(ms: int) -> None:
+        monkeypatch.setenv("NANOGRID_EVENTS_FLUSH_MS", str(ms))
+        get_settings.cache_clear()
+
+    yield set_ms
+    monkeypatch.delenv("NANOGRID_EVENTS_FLUSH_MS", raising=False)
+    get_settings.cache_clear()
+
+
+def test_task_events_of_several_runs_go_out_in_one_flush(hub, flush_ms):
+    from tests.unit.event_loop import spin
+
+    flush_ms(100)
+    c = Coalescing(hub)
+    for _ in range(9):  # received, started, succeeded of three runs
+        c.on_send_event_buffered()
+    spin(hub, 0.05)
+    assert c.flushes == 0 and c.next_pass == 0
+    spin(hub, 0.5, until=lambda: c.flushes)
+    assert c.flushes == 1
+    c.on_send_event_buffered()  # a later event starts a new interval
+    spin(hub, 0.5, until=lambda: c.flushes == 2)
+    assert c.flushes == 2
+
+
+def test_held_events_are_sent_at_shutdown(hub, flush_ms):
+    flush_ms(100)
+    c = Coalescing(hub)
+    c.on_send_event_buffered()
+    c.shutdown()
+    assert c.flushes == 1 and c.shut_down
+    c.shutdown()  # nothing held: no extra flush
+    assert c.flushes == 1
+
+
+def test_zero_flush_interval_keeps_celerys_next_pass_flush(hub, flush_ms):
+    flush_ms(0)
+    c = Coalescing(hub)
+    c.on_send_event_buffered()
+    assert c.next_pass == 1 and c._events_flush_timer is None
+
+
 class FakeChannel:
     def __init__(self, tables: list[list[tuple[str, str, str]]]) -> None:
         self.tables = tables

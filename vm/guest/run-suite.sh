@@ -32,7 +32,7 @@ mkdir -p "$SRC"
 mkdir -p "$CTL/run" # worker logs straight to the host, so a hung run still leaves them
 ln -s "$CTL/run" "$SRC/.run"
 redis-server --daemonize yes --save '' --appendonly no --bind 127.0.0.1 --port 6379 >/dev/null
-"$VENV/bin/moto_server" -H 127.0.0.1 -p 5000 >/tmp/moto.log 2>&1 &
+"$VENV/bin/python" "$SRC/scripts/moto_server.py" -H 127.0.0.1 -p 5000 >/tmp/moto.log 2>&1 &
 i=0
 until "$VENV/bin/python" -c 'import socket; socket.create_connection(("127.0.0.1", 5000), 1)' 2>/dev/null; do
     i=$((i + 1))
