@@ -12,8 +12,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+# The local stack's moto (as scripts/services.sh starts it). Not imported from the test
+# helpers: importing those builds the app's settings before this moto's URLs are set.
+MOTO_LAUNCHER = Path(__file__).resolve().parents[1] / "scripts" / "moto_server.py"
 
 
 def _free_port() -> int:
@@ -35,12 +40,10 @@ class PrivateMoto:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> PrivateMoto:
-        from tests.integration.faults import moto_command
-
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [*moto_command(), "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, str(MOTO_LAUNCHER), "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
