@@ -1,9 +1,10 @@
 """One run per request id, however often SQS delivers its message.
 
 Before a run, the request id is *claimed* in Redis (``SET NX`` with a short
-TTL and the owner's host, pid and process start time); a thread keeps the
-claim alive while the run lasts, and the finished result is copied to Redis
-before the claim is released. A delivery then finds one of four things:
+TTL and the owner's host, pid and process start time); the process's keeper
+thread (delivery/claim_keeper.py) keeps the claim alive while the run lasts,
+and the finished result is copied to Redis before the claim is released (one
+pipelined round trip). A delivery then finds one of four things:
 
 * a stored result -> return it (Celery stores the same dict again); no run;
 * no claim -> claim it and run;
@@ -22,9 +23,7 @@ is dead-lettered with an ``internal_error`` result instead of run again.
 
 from __future__ import annotations
 
-import contextvars
 import json
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -39,6 +38,7 @@ from nanogrid_celery.common.logs import get_logger
 from nanogrid_celery.common.perprocess import PerProcess
 from nanogrid_celery.common.redis import get_redis
 from nanogrid_celery.config import Settings, get_settings
+from nanogrid_celery.delivery.claim_keeper import ClaimKeeper
 from nanogrid_celery.result import ExecutionResult, Status
 
 log = get_logger(__name__)
@@ -120,35 +120,30 @@ class Claim:
         self.request_id = request_id
         self.owner = owner
         self.starts = starts
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @contextmanager
     def kept_alive(self) -> Iterator[Claim]:
-        """Refresh the TTL every third of it while the body runs (and re-take it after a flush)."""
-        context = contextvars.copy_context()  # its log lines keep the request id
-        self._thread = threading.Thread(
-            target=context.run, args=(self._keep,), name="claim-keeper", daemon=True
-        )
-        self._thread.start()
+        """Refresh the TTL every third of it while the body runs (and re-take it after a flush).
+
+        The refreshing is done by the store's one keeper thread (delivery/claim_keeper.py).
+        """
+        self.store.keeper.add(self)
         try:
             yield self
         finally:
-            self._stop.set()
-            self._thread.join(timeout=5)
+            self.store.keeper.discard(self)
 
-    def _keep(self) -> None:
-        ttl_ms = self.store.ttl_ms
-        while not self._stop.wait(ttl_ms / 3000):
-            try:
-                state = self.store.redis.eval(_REFRESH, 1, self.key, self.owner, ttl_ms)
-            except redis.RedisError as exc:
-                log.warning("could not refresh the claim: %s", exc)
-                continue
-            if state == 0:
-                log.warning("claim taken over by another worker while running")
-            elif state == 2:
-                log.info("claim re-taken (Redis lost it)")
+    def refresh(self) -> None:
+        """One TTL refresh; called by the keeper thread (errors are logged, not raised)."""
+        try:
+            state = self.store.redis.eval(_REFRESH, 1, self.key, self.owner, self.store.ttl_ms)
+        except redis.RedisError as exc:
+            log.warning("could not refresh the claim: %s", exc)
+            return
+        if state == 0:
+            log.warning("claim taken over by another worker while running")
+        elif state == 2:
+            log.info("claim re-taken (Redis lost it)")
 
     @property
     def key(self) -> str:
@@ -156,9 +151,10 @@ class Claim:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Store the result, then release: a later delivery finds the result, never a gap."""
-        r = self.store.redis
-        r.set(RESULT.format(self.request_id), json.dumps(result), ex=self.store.result_ttl)
-        r.eval(_RELEASE, 1, self.key, self.owner)
+        pipe = self.store.redis.pipeline(transaction=False)  # one round trip, in this order
+        pipe.set(RESULT.format(self.request_id), json.dumps(result), ex=self.store.result_ttl)
+        pipe.eval(_RELEASE, 1, self.key, self.owner)
+        pipe.execute()
 
     def abandon(self) -> None:
         """Release without a result (the run could not happen here); errors are ignored."""
@@ -175,6 +171,7 @@ class ClaimStore:
         self.result_ttl = settings.result_expires
         # a Redis restart takes a second or two: ride it out (~30 s) instead of failing
         self.redis = client or get_redis(settings.redis_url, "durable")
+        self.keeper = ClaimKeeper(Claim.refresh, self.ttl_ms / 3000)
 
     def stored_result(self, request_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(RESULT.format(request_id))

@@ -126,6 +126,9 @@ class Runner:
             duration_ms=result.duration_ms,
             total_ms=result.total_ms,
             start=result.start,
+            container=result.container_id,
+            memory_mb=(result.memory_limit_bytes or 0) // (1024 * 1024) or None,
+            memory_tuned=result.memory_tuned,
         )
         return result
 

@@ -71,7 +71,7 @@ class TunerMiddleware(Middleware):
         ctx.extra["tuner_untuned_bytes"] = ctx.limits.memory_bytes
         ctx.limits = replace(ctx.limits, memory_bytes=rec)
         ctx.tuned = True
-        log.info(
+        log.debug(  # "run finished" says memory_mb and memory_tuned at INFO
             "memory limit tuned",
             function=ctx.function,
             memory_mb=rec // MB,

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -197,6 +198,8 @@ def stats_for(function: str, history: Sequence[RunRecord], policy: TunerPolicy) 
 class TunerStore:
     """Bounded per-function run history in Redis."""
 
+    CACHED_FUNCTIONS = 256  # parsed histories a process keeps (50 records each, ~40 KB)
+
     def __init__(
         self,
         client: redis.Redis,
@@ -210,6 +213,8 @@ class TunerStore:
         self.history_size = max(1, history)
         self.ttl = max(1, ttl_seconds)
         self.max_functions = max(1, max_functions)
+        # key -> (the list's newest raw entry, its whole history parsed): see peaks()
+        self._cache: OrderedDict[str, tuple[str, list[RunRecord]]] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> TunerStore:
@@ -232,20 +237,29 @@ class TunerStore:
         """Append one run; trim the list, refresh its TTL and keep the index bounded."""
         now = rec.ts or time.time()
         key = self.key(function)
+        raw = rec.to_json()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lpush(key, rec.to_json())
+        pipe.lpush(key, raw)
+        pipe.lindex(key, 1)  # what ours went on top of: keeps the cached copy exact
         pipe.ltrim(key, 0, self.history_size - 1)
         pipe.expire(key, self.ttl)
         pipe.zadd(self.index_key, {function_id(function): now})
         pipe.zremrangebyscore(self.index_key, "-inf", now - self.ttl)
         pipe.zremrangebyrank(self.index_key, 0, -(self.max_functions + 1))
         pipe.expire(self.index_key, self.ttl)
-        pipe.execute()
+        below = pipe.execute()[1]
+        cached = self._cache.pop(key, None)
+        if cached is not None and below == cached[0]:  # MULTI: nobody else pushed in between
+            self._remember(key, raw, [rec, *cached[1]][: self.history_size])
 
     def history(self, function: str) -> list[RunRecord]:
         """Newest first; unreadable entries are skipped rather than poisoning the tuner."""
+        return self._parse(self.redis.lrange(self.key(function), 0, -1))
+
+    @staticmethod
+    def _parse(raws: Sequence[str]) -> list[RunRecord]:
         out = []
-        for raw in self.redis.lrange(self.key(function), 0, -1):
+        for raw in raws:
             try:
                 out.append(RunRecord.from_json(raw))
             except (ValueError, KeyError, TypeError):
@@ -253,8 +267,35 @@ class TunerStore:
         return out
 
     def peaks(self, function: str, code: str | None = None) -> list[int]:
-        """Peaks of ``function``'s runs of ``code`` only (see :func:`peaks_for`)."""
-        return peaks_for(self.history(function), code)
+        """Peaks of ``function``'s runs of ``code`` only (see :func:`peaks_for`).
+
+        Read before every run, so it is cached per store (i.e. per worker process) and
+        revalidated by the list's newest entry: ``LINDEX 0`` (0.13 ms here) instead of
+        ``LRANGE`` of 50 entries and 50 JSON parses (0.96 ms, ~10% of a python hello's
+        slot at -c 1 under load). Every run pushes one entry, so :meth:`record` updates
+        the copy too, when its MULTI shows that nobody else pushed in between; any other
+        writer changes the head and the next read fetches the whole list again.
+        """
+        key = self.key(function)
+        cached = self._cache.get(key)
+        if cached is not None:
+            head = self.redis.lindex(key, 0)
+            if head == cached[0]:
+                self._cache.move_to_end(key)
+                return peaks_for(cached[1], code)
+        raws = self.redis.lrange(key, 0, -1)
+        history = self._parse(raws)
+        if raws and len(history) == len(raws):  # garbage entries: no exact copy to keep
+            self._remember(key, raws[0], history)
+        else:
+            self._cache.pop(key, None)
+        return peaks_for(history, code)
+
+    def _remember(self, key: str, head: str, history: list[RunRecord]) -> None:
+        self._cache[key] = (head, history)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.CACHED_FUNCTIONS:
+            self._cache.popitem(last=False)
 
     def functions(self, limit: int = 1000) -> list[str]:
         """Most recently run first."""
@@ -263,6 +304,7 @@ class TunerStore:
     def reset(self, function: str) -> bool:
         """Forget a function; True if it had a history."""
         pipe = self.redis.pipeline(transaction=True)
+        self._cache.pop(self.key(function), None)
         pipe.delete(self.key(function))
         pipe.zrem(self.index_key, function_id(function))
         deleted, _ = pipe.execute()

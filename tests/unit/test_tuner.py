@@ -153,6 +153,53 @@ def test_store_history_is_bounded_and_expires(rdb):
     assert store.peaks("fn") == [r.peak_bytes for r in hist]
 
 
+def test_store_peaks_cache_follows_own_and_foreign_writes(rdb):
+    """The per-process copy read before each run is never stale: ours or anyone's push."""
+    client, prefix = rdb
+    mine = TunerStore(client, prefix, history=4)
+    other = TunerStore(client, prefix, history=4)  # another worker process
+    calls: list[str] = []
+    real = client.execute_command
+
+    def counting(*args, **kw):
+        calls.append(str(args[0]))
+        return real(*args, **kw)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            mine.record("fn", RunRecord((10 + i) * MB, "success", None, False, 1.0 + i, "c"))
+        assert mine.peaks("fn", "c") == [12 * MB, 11 * MB, 10 * MB]  # first read: the list
+        mine.record("fn", RunRecord(13 * MB, "success", None, False, 5.0, "c"))
+        calls.clear()
+        assert mine.peaks("fn", "c") == [13 * MB, 12 * MB, 11 * MB, 10 * MB]
+        assert calls == ["LINDEX"]  # own push kept the copy exact: one small read
+        mine.record("fn", RunRecord(14 * MB, "success", None, False, 6.0, "c"))
+        assert mine.peaks("fn", "c") == [14 * MB, 13 * MB, 12 * MB, 11 * MB]  # trimmed to 4
+        other.record("fn", RunRecord(99 * MB, "success", None, False, 7.0, "c"))
+        mine.record("fn", RunRecord(15 * MB, "success", None, False, 8.0, "c"))
+        calls.clear()
+        assert mine.peaks("fn", "c") == [15 * MB, 99 * MB, 14 * MB, 13 * MB]
+        assert calls == ["LRANGE"]  # a foreign push in between: read whole again
+        other.reset("fn")
+        assert mine.peaks("fn", "c") == []
+        client.lpush(mine.key("fn"), "not json")  # garbage is skipped, never cached as exact
+        mine.record("fn", RunRecord(16 * MB, "success", None, False, 9.0, "c"))
+        assert mine.peaks("fn", "c") == [16 * MB]
+    finally:
+        del client.execute_command
+
+
+def test_store_peaks_cache_is_bounded(rdb):
+    client, prefix = rdb
+    store = TunerStore(client, prefix)
+    store.CACHED_FUNCTIONS = 3
+    for i in range(5):
+        store.record(f"fn{i}", RunRecord(MB, "success", None, False, 1.0))
+        store.peaks(f"fn{i}")
+    assert len(store._cache) == 3
+
+
 def test_store_function_index_is_bounded(rdb):
     client, prefix = rdb
     store = TunerStore(client, prefix, history=5, ttl_seconds=300, max_functions=3)
