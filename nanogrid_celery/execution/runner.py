@@ -129,6 +129,7 @@ class Runner:
             container=result.container_id,
             memory_mb=(result.memory_limit_bytes or 0) // (1024 * 1024) or None,
             memory_tuned=result.memory_tuned,
+            peak_bytes=result.peak_memory_bytes,  # what the tuner learns from this run
         )
         return result
 
