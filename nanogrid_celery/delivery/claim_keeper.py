@@ -10,7 +10,12 @@ registered just after a tick is refreshed a third of the TTL later, as before, o
 registered just before it a little early, which is harmless.
 
 Each claim is refreshed inside the context it was registered from, so its log lines
-keep the request id. The thread starts on first use, i.e. in the process that runs
+keep the request id. :meth:`ClaimKeeper.discard` waits (at most 5 s, as the join of
+the thread per run did) for a refresh of that claim in flight: a refresh that landed
+after the release would re-take the claim (``_REFRESH`` sets a missing key), and a
+request abandoned for redelivery would then look busy until its TTL ran out.
+
+The thread starts on first use, i.e. in the process that runs
 (after the prefork fork: a ClaimStore, and so its keeper, is made per process).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +40,8 @@ class ClaimKeeper:
         self.interval_s = interval_s
         self._claims: dict[int, tuple[Any, contextvars.Context]] = {}
         self._lock = threading.Lock()
+        self._refreshed = threading.Condition(self._lock)  # notified after every refresh
+        self._in_flight: Any = None  # the claim being refreshed right now
         self._thread: threading.Thread | None = None
 
     def add(self, claim: Any) -> None:
@@ -45,22 +53,29 @@ class ClaimKeeper:
                 self._thread.start()
 
     def discard(self, claim: Any) -> None:
-        with self._lock:
+        """Stop refreshing ``claim``; returns once no refresh of it is in flight."""
+        with self._refreshed:
             self._claims.pop(id(claim), None)
+            self._refreshed.wait_for(lambda: self._in_flight is not claim, timeout=5)
 
     def __len__(self) -> int:
         return len(self._claims)
 
     def _loop(self) -> None:
-        stop = threading.Event()  # never set: the thread lives as long as its process
-        while not stop.wait(self.interval_s):
+        while True:  # lives as long as its process (a daemon thread)
+            time.sleep(self.interval_s)
             with self._lock:
                 running = list(self._claims.values())
             for claim, context in running:
                 with self._lock:
                     if id(claim) not in self._claims:  # finished meanwhile
                         continue
+                    self._in_flight = claim
                 try:
                     context.run(self._refresh, claim)
                 except Exception:  # one claim's trouble never stops the others' refresh
                     log.exception("claim refresh failed")
+                finally:
+                    with self._refreshed:
+                        self._in_flight = None
+                        self._refreshed.notify_all()

@@ -20,6 +20,7 @@ import docker
 
 from nanogrid_celery.common.identity import ProcessIdentity
 from nanogrid_celery.common.logs import get_logger
+from nanogrid_celery.common.units import MB
 from nanogrid_celery.config import Settings
 from nanogrid_celery.errors import DependencyError, InternalError, RunRejected
 from nanogrid_celery.execution.batch import Case, fill_batch, parse_cases, run_cases
@@ -127,7 +128,7 @@ class Runner:
             total_ms=result.total_ms,
             start=result.start,
             container=result.container_id,
-            memory_mb=(result.memory_limit_bytes or 0) // (1024 * 1024) or None,
+            memory_mb=(result.memory_limit_bytes or 0) // MB or None,
             memory_tuned=result.memory_tuned,
             peak_bytes=result.peak_memory_bytes,  # what the tuner learns from this run
         )

@@ -73,3 +73,20 @@ def test_nothing_refreshed_before_the_first_interval() -> None:
     time.sleep(0.05)  # a python hello is over long before a third of the TTL
     keeper.discard(claim)
     assert claim.seen == []
+
+
+def test_discard_returns_only_after_a_refresh_in_flight_has_landed() -> None:
+    """Else the refresh could land after the release and re-take the claim (_REFRESH)."""
+    entered, landed = threading.Event(), threading.Event()
+
+    def slow_refresh(claim: FakeClaim) -> None:
+        entered.set()
+        time.sleep(0.2)  # a Redis round trip on a very busy host
+        landed.set()
+
+    keeper = ClaimKeeper(slow_refresh, interval_s=0.01)
+    claim = FakeClaim("slow")
+    keeper.add(claim)
+    assert entered.wait(2)
+    keeper.discard(claim)
+    assert landed.is_set()
